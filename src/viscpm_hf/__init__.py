@@ -1,0 +1,35 @@
+"""viscpm-hf: VisCPM and the MPM recipe as native transformers models and diffusers pipelines.
+
+Importing the package registers every model with the transformers Auto classes (no `trust_remote_code`).
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+
+from .byte_tokenizer import build_byte_level_tokenizer
+from .chat import (
+    VisCPMChatConfig,
+    VisCPMChatForConditionalGeneration,
+    VisCPMChatHistory,
+    VisCPMChatModel,
+    VisCPMChatPreTrainedModel,
+    VisCPMChatProcessor,
+    paper_image_processor,
+)
+
+
+AutoConfig.register(VisCPMChatConfig.model_type, VisCPMChatConfig, exist_ok=True)
+AutoModel.register(VisCPMChatConfig, VisCPMChatModel, exist_ok=True)
+AutoModelForImageTextToText.register(VisCPMChatConfig, VisCPMChatForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(VisCPMChatConfig, VisCPMChatProcessor, exist_ok=True)
+
+__version__ = "0.1.0"
+__all__ = [
+    "VisCPMChatConfig",
+    "VisCPMChatForConditionalGeneration",
+    "VisCPMChatHistory",
+    "VisCPMChatModel",
+    "VisCPMChatPreTrainedModel",
+    "VisCPMChatProcessor",
+    "build_byte_level_tokenizer",
+    "paper_image_processor",
+]

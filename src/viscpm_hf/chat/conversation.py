@@ -1,0 +1,61 @@
+"""Multi-turn chat in one call, reusing the bridge outputs of images already seen.
+
+The original VisCPM returned `(answer, context, vision_hidden_states)` and took the last two back in the next
+turn; `VisCPMChatHistory` carries the same state (messages in the transformers chat format, and the image
+features of every image in them, in order).
+"""
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+
+if TYPE_CHECKING:
+    from .modeling_viscpm_chat import VisCPMChatForConditionalGeneration
+    from .processing_viscpm_chat import VisCPMChatProcessor
+
+
+@dataclass
+class VisCPMChatHistory:
+    """The conversation so far; `image_features` is `(num_images, num_query_tokens, hidden)` or None."""
+
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    image_features: torch.Tensor | None = None
+
+
+def chat(
+    model: "VisCPMChatForConditionalGeneration",
+    processor: "VisCPMChatProcessor",
+    image: Any,
+    question: str,
+    history: VisCPMChatHistory | None = None,
+    **generate_kwargs: Any,
+) -> tuple[str, VisCPMChatHistory]:
+    """Answers `question` about `image` (one image, a list, or None to keep talking about earlier images)."""
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"The question is empty ({question!r}): ask something about the image.")
+    history = history or VisCPMChatHistory()
+    new_images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+    content = [{"type": "image", "image": img} for img in new_images] + [{"type": "text", "text": question}]
+    messages = [*history.messages, {"role": "user", "content": content}]
+
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    ).to(model.device)
+    pixel_values = inputs.pop("pixel_values", None)
+
+    image_features = history.image_features
+    num_seen = 0 if image_features is None else image_features.shape[0]
+    if new_images:
+        new_features = model.get_image_features(pixel_values[num_seen:]).pooler_output
+        image_features = new_features if image_features is None else torch.cat([image_features, new_features])
+    if image_features is not None:
+        generate_kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=image_features)}
+
+    output_ids = model.generate(**inputs, **generate_kwargs)
+    prompt_length = inputs["input_ids"].shape[1]
+    answer = processor.decode(output_ids[0, prompt_length:], skip_special_tokens=True).strip()
+    messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return answer, VisCPMChatHistory(messages=messages, image_features=image_features)
