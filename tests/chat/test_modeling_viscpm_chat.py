@@ -1,0 +1,307 @@
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import NUM_QUERY_TOKENS, make_chat_config, make_chat_model, random_image
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    TextIteratorStreamer,
+    pipeline,
+)
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from viscpm_hf import (
+    VisCPMChatConfig,
+    VisCPMChatForConditionalGeneration,
+    VisCPMChatModel,
+    VisCPMChatProcessor,
+)
+
+
+def user_turn(question, num_images=1):
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image"}] * num_images + [{"type": "text", "text": question}],
+        }
+    ]
+
+
+def prompt_inputs(processor, questions, images, padding_side="left"):
+    texts = [processor.apply_chat_template(user_turn(q), add_generation_prompt=True) for q in questions]
+    processor.tokenizer.padding_side = padding_side
+    return processor(text=texts, images=images, padding=True, return_tensors="pt")
+
+
+@pytest.fixture
+def inputs(processor, image):
+    return prompt_inputs(processor, ["What is shown?"], [image])
+
+
+# --- composition with any LLM and any vision tower ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text_model_type, vision_model_type",
+    [("qwen2", "siglip_vision_model"), ("llama", "clip_vision_model"), ("gemma3_text", "siglip_vision_model")],
+)
+def test_forward_with_any_llm_and_vision_tower(tokenizer, inputs, text_model_type, vision_model_type):
+    model = make_chat_model(tokenizer, text_model_type=text_model_type, vision_model_type=vision_model_type)
+    outputs = model(**inputs)
+    assert outputs.logits.shape == (*inputs["input_ids"].shape, len(tokenizer))
+    assert outputs.image_hidden_states.shape == (1, NUM_QUERY_TOKENS, 32)
+    assert torch.isfinite(outputs.logits).all()
+
+
+def test_image_features_land_at_the_placeholders(chat_model, inputs):
+    """The LLM sees text embeddings everywhere except at image tokens, where it sees the bridge outputs."""
+    seen = {}
+    chat_model.model.llm.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True
+    )
+    outputs = chat_model(**inputs)
+    mask = inputs["input_ids"] == chat_model.config.image_token_id
+    text_embeds = chat_model.get_input_embeddings()(inputs["input_ids"])
+    torch.testing.assert_close(seen["embeds"][~mask], text_embeds[~mask])
+    torch.testing.assert_close(seen["embeds"][mask], outputs.image_hidden_states.reshape(-1, 32))
+
+
+def test_query_resampler_returns_a_fixed_number_of_tokens_whatever_the_patch_count(tokenizer):
+    model = make_chat_model(tokenizer)
+    for num_patches in (3, 16, 50):
+        features = torch.randn(2, num_patches, 32)
+        assert model.model.bridge(features).shape == (2, NUM_QUERY_TOKENS, 32)
+
+
+def test_in_tower_bridge_maps_only_and_checks_the_count(tokenizer):
+    model = make_chat_model(tokenizer, bridge_type="in_tower")
+    assert model.model.bridge.resampler is None
+    assert model.model.bridge(torch.randn(1, NUM_QUERY_TOKENS, 32)).shape == (1, NUM_QUERY_TOKENS, 32)
+    with pytest.raises(ValueError, match="in_tower"):
+        model.model.bridge(torch.randn(1, 16, 32))
+
+
+# --- Auto classes and save/load --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved_dir(tmp_path, chat_model, processor):
+    chat_model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_auto_classes_resolve_without_remote_code(saved_dir):
+    files = {path.name for path in saved_dir.iterdir()}
+    assert {"model.safetensors", "config.json", "processor_config.json", "chat_template.jinja"} <= files
+    assert not any(name.endswith((".bin", ".pt")) for name in files)
+    assert type(AutoConfig.from_pretrained(saved_dir)) is VisCPMChatConfig
+    assert type(AutoModel.from_pretrained(saved_dir)) is VisCPMChatModel
+    assert type(AutoModelForImageTextToText.from_pretrained(saved_dir)) is VisCPMChatForConditionalGeneration
+    assert type(AutoProcessor.from_pretrained(saved_dir)) is VisCPMChatProcessor
+
+
+def test_save_load_round_trip_gives_identical_logits(saved_dir, chat_model, inputs):
+    loaded = AutoModelForImageTextToText.from_pretrained(saved_dir)
+    torch.testing.assert_close(loaded(**inputs).logits, chat_model(**inputs).logits, rtol=0, atol=0)
+    assert loaded.generation_config.num_beams == 3
+    assert loaded.generation_config.suppress_tokens == [chat_model.config.image_token_id]
+
+
+def test_bare_model_loads_every_weight_and_matches_the_head_model(saved_dir, chat_model, inputs):
+    bare, info = AutoModel.from_pretrained(saved_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    hidden = bare(**inputs, output_hidden_states=True).last_hidden_state
+    reference = chat_model(**inputs, output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(hidden, reference)
+
+
+def test_image_text_to_text_pipeline(saved_dir, image):
+    generator = pipeline("image-text-to-text", model=str(saved_dir))
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Hi?"}]}]
+    result = generator(text=messages, max_new_tokens=3, num_beams=1)
+    assert result[0]["generated_text"][-1]["role"] == "assistant"
+
+
+def test_loads_in_bfloat16_with_device_map(saved_dir, inputs):
+    model = AutoModelForImageTextToText.from_pretrained(saved_dir, dtype=torch.bfloat16, device_map="cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    logits = model(**inputs).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+def test_no_split_modules_cover_every_sub_model(chat_model):
+    assert {"VisCPMChatBridge", "Qwen2DecoderLayer", "SiglipEncoderLayer"} <= set(chat_model._no_split_modules)
+
+
+# --- loss ------------------------------------------------------------------------------------------------
+
+
+def test_loss_ignores_image_and_padding_tokens(chat_model, processor, image):
+    inputs = prompt_inputs(processor, ["What?", "A much longer question?"], [image, image], padding_side="right")
+    ignored = (inputs["input_ids"] == chat_model.config.image_token_id) | (inputs["attention_mask"] == 0)
+    assert ignored.any() and (inputs["attention_mask"] == 0).any()
+
+    labels = inputs["input_ids"].clone()
+    outputs = chat_model(**inputs, labels=labels)
+    shifted_logits, shifted_labels = outputs.logits[:, :-1], labels[:, 1:].masked_fill(ignored[:, 1:], -100)
+    expected = F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1))
+    torch.testing.assert_close(outputs.loss, expected)
+
+    scrambled = labels.masked_fill(ignored, 7)
+    torch.testing.assert_close(chat_model(**inputs, labels=scrambled).loss, outputs.loss)
+
+
+# --- generation ------------------------------------------------------------------------------------------
+
+
+def test_left_padded_batch_generates_the_same_tokens_as_one_by_one(chat_model, processor):
+    questions = ["What is it?", "Describe the picture in detail, please."]
+    images = [random_image(1), random_image(2)]
+    batch = prompt_inputs(processor, questions, images)
+    batch_out = chat_model.generate(**batch, max_new_tokens=6, num_beams=1)
+    for row, (question, image) in enumerate(zip(questions, images)):
+        single = prompt_inputs(processor, [question], [image])
+        single_out = chat_model.generate(**single, max_new_tokens=6, num_beams=1)
+        new_tokens = single_out[0, single["input_ids"].shape[1] :]
+        torch.testing.assert_close(batch_out[row, batch["input_ids"].shape[1] :], new_tokens)
+
+
+def test_beam_search_equals_the_llms_beam_search_on_merged_embeddings(chat_model, inputs):
+    """The paper's 3-beam default runs, and wiring adds nothing: same beams as the bare LLM fed the merged inputs."""
+    assert chat_model.generation_config.num_beams == 3
+    output = chat_model.generate(**inputs, max_new_tokens=5)
+    embeds, _, _ = chat_model.model.embed_multimodal_inputs(inputs["input_ids"], None, inputs["pixel_values"])
+    reference = chat_model.model.llm.generate(
+        inputs_embeds=embeds,
+        attention_mask=inputs["attention_mask"],
+        generation_config=chat_model.generation_config,
+        max_new_tokens=5,
+    )
+    torch.testing.assert_close(output[0, inputs["input_ids"].shape[1] :], reference[0])
+
+
+def test_sampling_is_reproducible_with_a_seed(chat_model, inputs):
+    torch.manual_seed(3)
+    first = chat_model.generate(**inputs, do_sample=True, num_beams=1, max_new_tokens=5)
+    torch.manual_seed(3)
+    second = chat_model.generate(**inputs, do_sample=True, num_beams=1, max_new_tokens=5)
+    torch.testing.assert_close(first, second)
+
+
+def test_streaming_yields_the_greedy_answer(chat_model, processor, inputs):
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    kwargs = dict(**inputs, max_new_tokens=6, num_beams=1, streamer=streamer)
+    thread = threading.Thread(target=chat_model.generate, kwargs=kwargs)
+    thread.start()
+    streamed = "".join(streamer)
+    thread.join()
+    greedy = chat_model.generate(**inputs, max_new_tokens=6, num_beams=1)
+    expected = processor.decode(greedy[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert streamed == expected
+
+
+def test_image_placeholder_is_never_generated(chat_model, inputs):
+    image_token_id = chat_model.config.image_token_id
+    with torch.no_grad():  # make the image token the LLM's favourite
+        chat_model.model.llm.lm_head.weight[image_token_id] = 10 * chat_model.model.llm.lm_head.weight.abs().max()
+    plain = chat_model.model.llm.generate(
+        input_ids=inputs["input_ids"][:, -3:], max_new_tokens=4, num_beams=1, do_sample=False
+    )
+    assert (plain[0, 3:] == image_token_id).any()
+    for kwargs in ({"num_beams": 1}, {"num_beams": 3}, {"num_beams": 1, "do_sample": True}):
+        output = chat_model.generate(**inputs, max_new_tokens=4, **kwargs)
+        assert not (output[0, inputs["input_ids"].shape[1] :] == image_token_id).any()
+
+
+def test_sdpa_and_eager_agree(saved_dir, inputs):
+    sdpa = AutoModelForImageTextToText.from_pretrained(saved_dir, attn_implementation="sdpa")
+    eager = AutoModelForImageTextToText.from_pretrained(saved_dir, attn_implementation="eager")
+    assert eager.model.bridge.resampler.attention.config._attn_implementation == "eager"
+    torch.testing.assert_close(sdpa(**inputs).logits, eager(**inputs).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tokenizer, inputs):
+    grads = []
+    for checkpointing in (False, True):
+        model = make_chat_model(tokenizer).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+            assert model.model.llm.model.gradient_checkpointing
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        grads.append(model.model.bridge.resampler.queries.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+# --- reusing image features ------------------------------------------------------------------------------
+
+
+def test_precomputed_image_features_equal_pixel_values(chat_model, inputs):
+    features = chat_model.get_image_features(inputs["pixel_values"])
+    assert isinstance(features, BaseModelOutputWithPooling)
+    text_only = {k: v for k, v in inputs.items() if k != "pixel_values"}
+    reused = chat_model(**text_only, mm_encoder_outputs={"image": features})
+    torch.testing.assert_close(reused.logits, chat_model(**inputs).logits)
+    generated = chat_model.generate(**text_only, mm_encoder_outputs={"image": features}, max_new_tokens=4)
+    torch.testing.assert_close(generated, chat_model.generate(**inputs, max_new_tokens=4))
+
+
+def test_several_images_per_sample_and_uneven_batches(chat_model, processor):
+    texts = [
+        processor.apply_chat_template(user_turn("Compare them.", num_images=2), add_generation_prompt=True),
+        processor.apply_chat_template(user_turn("And this?"), add_generation_prompt=True),
+    ]
+    images = [[random_image(1), random_image(2)], [random_image(3)]]
+    processor.tokenizer.padding_side = "left"
+    batch = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    assert batch["pixel_values"].shape[0] == 3
+    out = chat_model(**batch)
+    assert out.image_hidden_states.shape[0] == 3
+    generated = chat_model.generate(**batch, max_new_tokens=3)  # beam search expands two-image groups in order
+    first = processor(text=texts[:1], images=images[:1], return_tensors="pt")
+    alone = chat_model.generate(**first, max_new_tokens=3)
+    torch.testing.assert_close(generated[0, batch["input_ids"].shape[1] :], alone[0, first["input_ids"].shape[1] :])
+
+
+# --- bad input -------------------------------------------------------------------------------------------
+
+
+def test_image_token_and_feature_mismatch_names_both_counts(chat_model, inputs):
+    two_images = torch.cat([inputs["pixel_values"]] * 2)
+    with pytest.raises(ValueError, match=r"4 image tokens .* 2 x 4 = 8"):
+        chat_model(input_ids=inputs["input_ids"], pixel_values=two_images)
+
+
+def test_image_tokens_without_images_raise(chat_model, inputs):
+    with pytest.raises(ValueError, match="no pixel_values"):
+        chat_model(input_ids=inputs["input_ids"])
+
+
+def test_pixel_values_of_the_wrong_shape_raise(chat_model, inputs):
+    with pytest.raises(ValueError, match=r"\(num_images, channels, height, width\)"):
+        chat_model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"][0])
+
+
+def test_pixel_values_and_precomputed_features_together_raise(chat_model, inputs):
+    features = chat_model.get_image_features(inputs["pixel_values"])
+    with pytest.raises(ValueError, match="not both"):
+        chat_model(**inputs, mm_encoder_outputs={"image": features})
+
+
+def test_prompt_longer_than_the_llm_allows_raises(tokenizer, processor, image):
+    model = make_chat_model(tokenizer)
+    inputs = prompt_inputs(processor, ["x" * 300], [image])
+    with pytest.raises(ValueError, match="at most 256"):
+        model(**inputs)
+
+
+def test_unset_image_token_id_is_reported(tokenizer, inputs):
+    config = make_chat_config(tokenizer)
+    config.image_token_id = None
+    model = VisCPMChatForConditionalGeneration(config)
+    with pytest.raises(ValueError, match="image_token_id"):
+        model(**inputs)
