@@ -57,6 +57,24 @@ def test_forward_with_any_llm_and_vision_tower(tokenizer, inputs, text_model_typ
     assert torch.isfinite(outputs.logits).all()
 
 
+def test_convolutional_tower_feature_maps_are_flattened(tokenizer, inputs):
+    """CNN towers (ResNet here; timm models through TimmWrapper alike) return (images, channels, h, w) maps."""
+    config = make_chat_config(tokenizer)
+    config = VisCPMChatConfig(
+        vision_config={"model_type": "resnet", "embedding_size": 16, "hidden_sizes": [16, 32], "depths": [1, 1]},
+        text_config=config.text_config,
+        image_token_id=config.image_token_id,
+        num_query_tokens=NUM_QUERY_TOKENS,
+        vision_feature_dim=32,
+        bridge_num_attention_heads=4,
+    )
+    model = VisCPMChatForConditionalGeneration(config).eval()
+    feature_map = model.model.vision_tower(inputs["pixel_values"]).last_hidden_state
+    assert feature_map.ndim == 4
+    assert model.get_image_features(inputs["pixel_values"]).pooler_output.shape == (1, NUM_QUERY_TOKENS, 32)
+    assert model.generate(**inputs, max_new_tokens=2).shape[1] == inputs["input_ids"].shape[1] + 2
+
+
 def test_image_features_land_at_the_placeholders(chat_model, inputs):
     """The LLM sees text embeddings everywhere except at image tokens, where it sees the bridge outputs."""
     seen = {}
