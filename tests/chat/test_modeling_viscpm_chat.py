@@ -146,7 +146,7 @@ def test_image_text_to_text_pipeline(saved_dir, image):
 
 
 def test_loads_in_bfloat16_with_device_map(saved_dir, inputs):
-    model = AutoModelForImageTextToText.from_pretrained(saved_dir, dtype=torch.bfloat16, device_map="cpu")
+    model = AutoModelForImageTextToText.from_pretrained(saved_dir, dtype=torch.bfloat16, device_map="auto")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     logits = model(**inputs).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
