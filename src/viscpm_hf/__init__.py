@@ -3,9 +3,10 @@
 Importing the package registers every model with the transformers Auto classes (no `trust_remote_code`).
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
 from .byte_tokenizer import build_byte_level_tokenizer
+from .cpmbee import CpmBeeConfig, CpmBeeForCausalLM, CpmBeeModel, CpmBeePreTrainedModel
 from .chat import (
     VisCPMChatConfig,
     VisCPMChatForConditionalGeneration,
@@ -17,6 +18,9 @@ from .chat import (
 )
 
 
+AutoConfig.register(CpmBeeConfig.model_type, CpmBeeConfig, exist_ok=True)
+AutoModel.register(CpmBeeConfig, CpmBeeModel, exist_ok=True)
+AutoModelForCausalLM.register(CpmBeeConfig, CpmBeeForCausalLM, exist_ok=True)
 AutoConfig.register(VisCPMChatConfig.model_type, VisCPMChatConfig, exist_ok=True)
 AutoModel.register(VisCPMChatConfig, VisCPMChatModel, exist_ok=True)
 AutoModelForImageTextToText.register(VisCPMChatConfig, VisCPMChatForConditionalGeneration, exist_ok=True)
@@ -24,6 +28,10 @@ AutoProcessor.register(VisCPMChatConfig, VisCPMChatProcessor, exist_ok=True)
 
 __version__ = "0.1.0"
 __all__ = [
+    "CpmBeeConfig",
+    "CpmBeeForCausalLM",
+    "CpmBeeModel",
+    "CpmBeePreTrainedModel",
     "VisCPMChatConfig",
     "VisCPMChatForConditionalGeneration",
     "VisCPMChatHistory",

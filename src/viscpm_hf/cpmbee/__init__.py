@@ -1,0 +1,2 @@
+from .configuration_cpmbee import CpmBeeConfig
+from .modeling_cpmbee import CpmBeeForCausalLM, CpmBeeModel, CpmBeePreTrainedModel

@@ -1,0 +1,223 @@
+import pytest
+import torch
+from parity import json_file, tensors, tiny_cpmbee_config_kwargs
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
+
+from viscpm_hf import CpmBeeConfig, CpmBeeForCausalLM, CpmBeeModel
+from viscpm_hf.cpmbee.convert_cpmbee import convert_cpmbee_key
+from viscpm_hf.cpmbee.modeling_cpmbee import relative_position_bucket
+
+
+STRUCTURE = ("input_id_subs", "context", "segment_ids", "segment_rel_offset", "num_segments", "segment_rel")
+PARITY_INPUT_NAMES = {
+    "input_sub": "input_id_subs",
+    "context": "context",
+    "segment": "segment_ids",
+    "segment_rel_offset": "segment_rel_offset",
+    "num_segments": "num_segments",
+    "segment_rel": "segment_rel",
+}
+ATOL = RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def parity_model():
+    model = CpmBeeForCausalLM(CpmBeeConfig(**tiny_cpmbee_config_kwargs())).eval()
+    weights = tensors("viscpm_chat_tiny.safetensors")
+    state = {f"model.{convert_cpmbee_key(k)}": v for k, v in weights.items() if k.startswith("llm.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert missing == ["lm_head.weight"] and not unexpected  # tied to the embedding
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+def parity_inputs(case: str) -> dict:
+    data = tensors("llm_forward.safetensors")
+    inputs = {ours: data[f"{case}.in.{theirs}"] for theirs, ours in PARITY_INPUT_NAMES.items()}
+    input_ids = data[f"{case}.in.input"].long()
+    batch, length = input_ids.shape
+    inputs["input_ids"] = input_ids
+    inputs["attention_mask"] = torch.arange(length)[None] < data[f"{case}.in.length"][:, None]
+    for name in ("ext_table_ids", "ext_table_sub"):  # one table per batch in the original, one per row here
+        inputs[name] = data[f"{case}.in.{name}"].long()[None].expand(batch, -1)
+    return inputs
+
+
+FORWARD_CASES = sorted({key.split(".")[0] for key in json_file("llm_cases.json")["forward_cases"]})
+
+
+def test_same_segment_buckets_match_the_original_table():
+    table = json_file("llm_cases.json")["same_segment_bucket_table"]
+    relative = torch.tensor(table["relative_position_key_minus_query"])
+    expected = torch.tensor(table["bucket"])
+    assert torch.equal(relative_position_bucket(relative, table["num_buckets"], table["max_distance"]), expected)
+
+
+@pytest.mark.parametrize("case", FORWARD_CASES)
+def test_full_forward_matches_the_original(parity_model, case):
+    data = tensors("llm_forward.safetensors")
+    with torch.no_grad():
+        out = parity_model(**parity_inputs(case), use_cache=False, output_hidden_states=True)
+    torch.testing.assert_close(out.hidden_states[0], data[f"{case}.input_embeds"], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(out.hidden_states[-1], data[f"{case}.hidden_states"], atol=ATOL, rtol=RTOL)
+    columns = data[f"{case}.logits_cols_index"]
+    torch.testing.assert_close(out.logits[..., columns], data[f"{case}.logits_cols"], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(out.logits.logsumexp(-1), data[f"{case}.logits_logsumexp"], atol=ATOL, rtol=RTOL)
+    assert torch.equal(out.logits.argmax(-1), data[f"{case}.logits_argmax"])
+    rows = torch.arange(out.logits.shape[0])
+    last = out.logits[rows, data[f"{case}.logits_last_index"]]
+    torch.testing.assert_close(last, data[f"{case}.logits_last"], atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("case", ["chat_en_empty", "chat_zh_multiturn", "chat_ext_oov"])
+def test_cached_decoding_matches_the_original(parity_model, case):
+    """Prefill the prompt plus the answer's <s>, then feed the original's tokens one at a time."""
+    steps = tensors("llm_incremental.safetensors")
+    fed = json_file("llm_cases.json")["incremental_cases"][case]["fed_tokens"]
+    inputs = parity_inputs(case)
+    prompt_ids = inputs.pop("input_ids")
+    inputs.pop("attention_mask")
+    answer_start = {"input_id_subs": 0, "context": 0, "segment_ids": fed[0]["segment"]}
+    for name in ("input_id_subs", "context", "segment_ids", "segment_rel_offset", "num_segments"):
+        value = answer_start.get(name, int(inputs[name][0, -1]))
+        inputs[name] = torch.cat([inputs[name], torch.tensor([[value]], dtype=inputs[name].dtype)], dim=1)
+
+    cache = DynamicCache(config=parity_model.config)
+    columns = steps[f"{case}.step_logits_cols_index"]
+    with torch.no_grad():
+        prefill = parity_model(input_ids=prompt_ids, past_key_values=cache, **inputs)
+        torch.testing.assert_close(prefill.logits[0, -1], steps[f"{case}.prefill_logits_last"][0], atol=ATOL, rtol=RTOL)
+        for step, token in enumerate(fed):
+            input_id = torch.tensor([[token["input"]]])
+            logits = parity_model(input_ids=input_id, past_key_values=cache, **inputs).logits[0, -1]
+            torch.testing.assert_close(logits[columns], steps[f"{case}.step_logits_cols"][step], atol=ATOL, rtol=RTOL)
+            torch.testing.assert_close(logits.logsumexp(-1), steps[f"{case}.step_logits_logsumexp"][step], atol=ATOL, rtol=RTOL)
+            if step < 2:
+                torch.testing.assert_close(logits, steps[f"{case}.step_logits_full_first2"][step], atol=ATOL, rtol=RTOL)
+
+
+# --- behaviour on a tiny random model ---------------------------------------------------------------------
+
+
+def tiny_model(**overrides):
+    torch.manual_seed(0)
+    config = CpmBeeConfig(
+        vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, head_dim=8, intermediate_size=64,
+        **overrides,
+    )
+    return CpmBeeForCausalLM(config).eval()
+
+
+def structured_prompt(length=12, batch=1):
+    """Three segments: root (context), question (context), answer start (not context)."""
+    segment_ids = torch.tensor([0] * 3 + [1] * (length - 4) + [2])
+    return dict(
+        input_ids=torch.randint(11, 120, (batch, length)),
+        context=(segment_ids < 2).long()[None].expand(batch, -1),
+        segment_ids=segment_ids[None].expand(batch, -1),
+        num_segments=torch.full((batch, length), 3),
+        segment_rel_offset=torch.zeros(batch, length, dtype=torch.long),
+        segment_rel=torch.tensor([0, 2, 2, 9, 0, 10, 9, 10, 0])[None].expand(batch, -1),
+        input_id_subs=torch.zeros(batch, length, dtype=torch.long),
+        ext_table_ids=torch.tensor([[1, 1]]).expand(batch, -1),
+        ext_table_sub=torch.tensor([[1, 2]]).expand(batch, -1),
+    )
+
+
+def test_incremental_decoding_equals_full_recomputation():
+    model = tiny_model()
+    prompt = structured_prompt()
+    generated = [5, 121, 40, 120, 7]  # includes two ext columns fed back (120 = first ext entry)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        logits = [model(**prompt, past_key_values=cache).logits[:, -1]]
+        for token in generated[:-1]:
+            logits.append(model(**{**prompt, "input_ids": torch.tensor([[token]])}, past_key_values=cache).logits[:, -1])
+        full_ids = torch.cat([prompt["input_ids"], torch.tensor([generated[:-1]])], dim=1)
+        full = model(**{**prompt, "input_ids": full_ids}, use_cache=False).logits
+    torch.testing.assert_close(torch.stack(logits, 1), full[:, prompt["input_ids"].shape[1] - 1 :], atol=1e-5, rtol=1e-5)
+
+
+def test_generate_with_cache_equals_generate_without():
+    model = tiny_model()
+    prompt = structured_prompt()
+    cached = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    uncached = model.generate(**prompt, max_new_tokens=8, do_sample=False, use_cache=False)
+    torch.testing.assert_close(cached, uncached)
+    assert cached.shape[1] > prompt["input_ids"].shape[1]
+
+
+def test_left_padded_batch_equals_rows_alone():
+    model = tiny_model()
+    short, long = structured_prompt(10), structured_prompt(14)
+    pad = long["input_ids"].shape[1] - short["input_ids"].shape[1]
+    batch = {}
+    for name, value in short.items():
+        if name in ("segment_rel", "ext_table_ids", "ext_table_sub"):
+            batch[name] = torch.cat([value, long[name]])
+        else:
+            batch[name] = torch.cat([torch.nn.functional.pad(value, (pad, 0)), long[name]])
+    batch["attention_mask"] = torch.cat([torch.arange(14)[None] >= pad, torch.ones(1, 14, dtype=torch.bool)]).long()
+    out = model.generate(**batch, max_new_tokens=6, do_sample=False)
+    for row, alone in enumerate((short, long)):
+        expected = model.generate(**alone, max_new_tokens=6, do_sample=False)
+        torch.testing.assert_close(out[row, 14:], expected[0, alone["input_ids"].shape[1] :])
+
+
+def test_padded_queries_attend_to_nothing():
+    """Padding rows carry the pad embedding pushed through the FFNs only (the original's behaviour)."""
+    model = tiny_model()
+    prompt = structured_prompt()
+    mask = torch.ones_like(prompt["input_ids"])
+    mask[:, -3:] = 0
+    seen = []
+    model.model.layers[0].self_attn.o_proj.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        hidden = model(**prompt, attention_mask=mask, use_cache=False).logits
+    assert torch.isfinite(hidden).all()
+    assert seen[0][:, -3:].abs().max() == 0 and seen[0][:, :-3].abs().max() > 0
+
+
+def test_sdpa_and_eager_agree():
+    prompt = structured_prompt(batch=2)
+    outputs = []
+    for implementation in ("sdpa", "eager"):
+        model = tiny_model()
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            outputs.append(model(**prompt, use_cache=False).logits)
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_ext_columns_and_loss():
+    model = tiny_model()
+    prompt = structured_prompt()
+    out = model(**prompt, labels=prompt["input_ids"])
+    assert out.logits.shape[-1] == 120 + 2
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.model.position_bias.relative_attention_bias.grad.abs().sum() > 0
+
+
+def test_ext_ids_without_a_table_are_refused():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="ext table"):
+        model(input_ids=torch.tensor([[3, 125]]))
+
+
+def test_auto_classes_and_save_load_round_trip(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    assert type(AutoConfig.from_pretrained(tmp_path)) is CpmBeeConfig
+    assert type(AutoModel.from_pretrained(tmp_path)) is CpmBeeModel
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    prompt = structured_prompt()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**prompt).logits, model(**prompt).logits, rtol=0, atol=0)
+
+
+def test_max_position_embeddings_is_enforced():
+    model = tiny_model(max_position_embeddings=8)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(input_ids=torch.ones(1, 9, dtype=torch.long))
