@@ -5,6 +5,7 @@ Data flow (MPM paper, section 3.2): pixels -> vision tower -> bridge (learned qu
 positions -> the LLM, with its own head (so Gemma's soft-capping or CPM-Bee's extra logits keep working).
 """
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -191,14 +192,15 @@ class VisCPMChatModel(VisCPMChatPreTrainedModel):
         return outputs
 
     def get_placeholder_mask(
-        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, num_image_features: int | None
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None, num_image_features: int | None
     ) -> torch.BoolTensor:
         """Boolean `(batch, seq)` mask of the image placeholder positions, checked against the number of features."""
         image_token_id = self.config.image_token_id
+        reference = input_ids if input_ids is not None else inputs_embeds
         if image_token_id is None:
             if num_image_features:
                 raise ValueError("config.image_token_id is not set: set it to processor.image_token_id.")
-            return torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
+            return torch.zeros(reference.shape[:2], dtype=torch.bool, device=reference.device)
         if input_ids is None:
             image_embedding = self.get_input_embeddings()(
                 torch.tensor(image_token_id, dtype=torch.long, device=inputs_embeds.device)
@@ -220,23 +222,23 @@ class VisCPMChatModel(VisCPMChatPreTrainedModel):
             )
         return mask
 
-    def embed_multimodal_inputs(
+    def prepare_llm_inputs(
         self,
         input_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.BoolTensor]:
-        """Text embeddings with the bridge outputs scattered in at the image placeholders.
+        past_key_values: Cache | None = None,
+    ) -> tuple[dict[str, torch.Tensor | None], torch.Tensor | None, torch.BoolTensor]:
+        """What the LLM receives: `input_ids`, or `inputs_embeds` with the bridge outputs at the image placeholders.
 
-        Returns `(inputs_embeds, image_features, image_mask)`.
+        Without images the ids go to the LLM as they are, so it embeds them its own way (decoding steps, text-only
+        turns). Returns `(llm_inputs, image_features, image_mask)`.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if pixel_values is not None and (mm_encoder_outputs or {}).get("image") is not None:
             raise ValueError("Pass either pixel_values or precomputed image features (mm_encoder_outputs), not both.")
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
 
         image_features = None
         if pixel_values is not None:
@@ -248,19 +250,22 @@ class VisCPMChatModel(VisCPMChatPreTrainedModel):
 
         num_features = None if image_features is None else image_features.shape[0] * image_features.shape[1]
         image_mask = self.get_placeholder_mask(input_ids, inputs_embeds, num_features)
-        if image_features is not None:
-            image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
-            inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
-        return inputs_embeds, image_features, image_mask
+        self.check_sequence_length((input_ids if input_ids is not None else inputs_embeds).shape[1], past_key_values)
+        if image_features is None:
+            return {"input_ids": input_ids, "inputs_embeds": inputs_embeds}, None, image_mask
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+        inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
+        return {"input_ids": None, "inputs_embeds": inputs_embeds}, image_features, image_mask
 
-    def check_sequence_length(self, inputs_embeds: torch.Tensor, past_key_values: Cache | None) -> None:
+    def check_sequence_length(self, length: int, past_key_values: Cache | None) -> None:
         """Refuses a sequence longer than the LLM's position range instead of degrading silently."""
         limit = getattr(self.config.text_config, "max_position_embeddings", None)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        length = past_length + inputs_embeds.shape[1]
-        if limit is not None and length > limit:
+        if limit is not None and past_length + length > limit:
             raise ValueError(
-                f"The sequence is {length} tokens long but the language model allows at most {limit} "
+                f"The sequence is {past_length + length} tokens long but the language model allows at most {limit} "
                 "(text_config.max_position_embeddings). Shorten the prompt or the history, pass fewer images, "
                 "or lower max_new_tokens."
             )
@@ -276,12 +281,11 @@ class VisCPMChatModel(VisCPMChatPreTrainedModel):
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         **kwargs,
     ) -> VisCPMChatModelOutputWithPast:
-        inputs_embeds, image_features, _ = self.embed_multimodal_inputs(
-            input_ids, inputs_embeds, pixel_values, mm_encoder_outputs
+        llm_inputs, image_features, _ = self.prepare_llm_inputs(
+            input_ids, inputs_embeds, pixel_values, mm_encoder_outputs, past_key_values
         )
-        self.check_sequence_length(inputs_embeds, past_key_values)
         outputs = self.llm.base_model(
-            inputs_embeds=inputs_embeds,
+            **llm_inputs,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
@@ -323,6 +327,11 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
         return self.model.get_image_features(pixel_values, **kwargs)
 
+    def _validate_model_kwargs(self, model_kwargs: dict) -> None:
+        # `forward` hands unknown keyword arguments to the LLM: its own inputs (CPM-Bee's segments, ...) are valid.
+        llm_inputs = set(inspect.signature(self.model.llm.forward).parameters)
+        super()._validate_model_kwargs({k: v for k, v in model_kwargs.items() if k not in llm_inputs})
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -337,17 +346,16 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         **kwargs,
     ) -> VisCPMChatCausalLMOutputWithPast:
         """`labels` follow the LLM's convention (shifted inside); image and padding positions never count."""
-        inputs_embeds, image_features, image_mask = self.model.embed_multimodal_inputs(
-            input_ids, inputs_embeds, pixel_values, mm_encoder_outputs
+        llm_inputs, image_features, image_mask = self.model.prepare_llm_inputs(
+            input_ids, inputs_embeds, pixel_values, mm_encoder_outputs, past_key_values
         )
-        self.model.check_sequence_length(inputs_embeds, past_key_values)
         if labels is not None:
             ignored = image_mask.to(labels.device)
             if attention_mask is not None and attention_mask.ndim == 2:
                 ignored = ignored | (attention_mask.to(labels.device) == 0)
             labels = labels.masked_fill(ignored, -100)
         outputs = self.model.llm(
-            inputs_embeds=inputs_embeds,
+            **llm_inputs,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
