@@ -3,10 +3,16 @@
 Importing the package registers every model with the transformers Auto classes (no `trust_remote_code`).
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+)
 
 from .byte_tokenizer import build_byte_level_tokenizer
-from .cpmbee import CpmBeeConfig, CpmBeeForCausalLM, CpmBeeModel, CpmBeePreTrainedModel
 from .chat import (
     VisCPMChatConfig,
     VisCPMChatForConditionalGeneration,
@@ -16,11 +22,13 @@ from .chat import (
     VisCPMChatProcessor,
     paper_image_processor,
 )
+from .cpmbee import CpmBeeConfig, CpmBeeForCausalLM, CpmBeeModel, CpmBeePreTrainedModel, CpmBeeTokenizer
 
 
 AutoConfig.register(CpmBeeConfig.model_type, CpmBeeConfig, exist_ok=True)
 AutoModel.register(CpmBeeConfig, CpmBeeModel, exist_ok=True)
 AutoModelForCausalLM.register(CpmBeeConfig, CpmBeeForCausalLM, exist_ok=True)
+AutoTokenizer.register(CpmBeeConfig, slow_tokenizer_class=CpmBeeTokenizer, exist_ok=True)
 AutoConfig.register(VisCPMChatConfig.model_type, VisCPMChatConfig, exist_ok=True)
 AutoModel.register(VisCPMChatConfig, VisCPMChatModel, exist_ok=True)
 AutoModelForImageTextToText.register(VisCPMChatConfig, VisCPMChatForConditionalGeneration, exist_ok=True)
@@ -32,6 +40,7 @@ __all__ = [
     "CpmBeeForCausalLM",
     "CpmBeeModel",
     "CpmBeePreTrainedModel",
+    "CpmBeeTokenizer",
     "VisCPMChatConfig",
     "VisCPMChatForConditionalGeneration",
     "VisCPMChatHistory",

@@ -1,0 +1,404 @@
+"""The CPM-Bee tokenizer: greedy longest match over a fixed 86,583-entry vocabulary, plus a markup syntax.
+
+CPM-Bee prompts are written in *markup*: `<name>` is a special token and `<<` is a literal `<`. Text between special
+tokens is cut greedily, taking at each point the longest vocabulary string (at most 32 characters) that is not a
+special token; a run of characters where no vocabulary string matches becomes one unknown piece.
+
+Two levels of ids exist:
+
+- the markup API (`tokenize_markup`, `encode_markup`, `decode_markup`) gives unknown pieces and special tokens
+  missing from the vocabulary temporary ids from `vocab_size` on, with an ext table id -> string;
+- the model sees a (base id, sub id) pair per token (`encode_model_ids`): an out-of-vocabulary string is embedded
+  as its base token (`<unk>`, or `<name>` for a special `<name_k>`) rotated by its sub id, and scored by an extra
+  logit column. Model inputs are built from a structured prompt (see `prompt_cpmbee.py`), not from plain `encode`.
+
+The transformers API (`tokenizer(text)`, `encode`, `decode`, `tokenize`) reads plain text literally, so
+`decode(encode(text)) == text` for any string; unknown pieces get ids from `vocab_size` on that this instance
+remembers, so `decode` can map them back.
+"""
+
+import json
+import os
+from typing import Literal, NamedTuple
+
+from transformers import BatchEncoding, PreTrainedTokenizer
+
+
+VOCAB_FILES_NAMES = {"vocab_file": "vocab.txt"}
+
+# The vocabulary file cannot hold a newline or a bare space on a line of its own.
+FILE_SPELLINGS = {"\n": "</n>", " ": "</_>"}
+ESCAPE_HINT = "write '<<' for a literal '<', or pass plain text through escape_markup"
+
+
+class MarkupPiece(NamedTuple):
+    """One piece of tokenized markup; `start` counts characters of the text with every `<<` read as one `<`."""
+
+    token: str
+    start: int
+    is_unk: bool
+    is_special: bool
+
+
+def escape_markup(text: str) -> str:
+    """Plain text -> markup that tokenizes as exactly that text (no special tokens)."""
+    return text.replace("<", "<<")
+
+
+def unescape_markup(markup: str) -> str:
+    """Inverse of `escape_markup`; special tokens in the markup are kept as written."""
+    return markup.replace("<<", "<")
+
+
+def is_special_name(token: str) -> bool:
+    return len(token) > 1 and token.startswith("<") and token.endswith(">")
+
+
+def load_vocab(vocab_file: str | os.PathLike) -> list[str]:
+    """Tokens in id order: one per line, ids are 0-based line numbers."""
+    with open(vocab_file, encoding="utf-8", newline="") as file:
+        lines = file.read().split("\n")
+    if lines[-1] == "":  # a final newline ends the last line, it is not an empty token
+        lines.pop()
+    from_file = {spelling: text for text, spelling in FILE_SPELLINGS.items()}
+    return [from_file.get(line, line) for line in lines]
+
+
+def split_markup(markup: str) -> list[tuple[str, bool]]:
+    """Markup -> chunks `(literal text, False)` and `(special token, True)`; `<<` becomes `<` in literal text."""
+    chunks, literal, position = [], [], 0
+    while position < len(markup):
+        opening = markup.find("<", position)
+        if opening < 0:
+            literal.append(markup[position:])
+            break
+        literal.append(markup[position:opening])
+        if markup.startswith("<<", opening):
+            literal.append("<")
+            position = opening + 2
+            continue
+        closing = markup.find(">", opening + 2)
+        stray = markup.find("<", opening + 1, closing if closing >= 0 else len(markup))
+        if stray >= 0:
+            raise ValueError(
+                f"Unexpected '<' at character {stray} inside the special token opened at character {opening} "
+                f"({markup[opening : stray + 1]!r}): {ESCAPE_HINT}."
+            )
+        if closing < 0:
+            raise ValueError(
+                f"Unexpected end of text: the '<' at character {opening} ({markup[opening : opening + 20]!r}) opens "
+                f"a special token such as '<s>' that no '>' closes; {ESCAPE_HINT}."
+            )
+        if any(literal):
+            chunks.append(("".join(literal), False))
+        literal = []
+        chunks.append((markup[opening : closing + 1], True))
+        position = closing + 1
+    if any(literal):
+        chunks.append(("".join(literal), False))
+    return chunks
+
+
+class CpmBeeExtTable:
+    """Out-of-vocabulary strings of one structured input, each named by a (base id, sub id) pair.
+
+    Sub ids count the distinct strings of each base in order of first appearance over the whole input, from 0, so
+    the first unknown string of an input is (`<unk>`, 0): the model reads it exactly as a literal `<unk>`.
+    """
+
+    def __init__(self):
+        self.entries: dict[str, tuple[int, int]] = {}  # string -> (base id, sub id), in order of first appearance
+        self._subs_per_base: dict[int, int] = {}
+
+    def add(self, text: str, base_id: int) -> int:
+        """Returns the sub id of `text`, numbering it if it is new."""
+        if text not in self.entries:
+            sub = self._subs_per_base.get(base_id, 0)
+            self._subs_per_base[base_id] = sub + 1
+            self.entries[text] = (base_id, sub)
+        return self.entries[text][1]
+
+    def columns(self, exclude_base: int | None = None) -> list[tuple[int, int]]:
+        """(base id, sub id) of every entry with sub > 0, grouped by base in order of the base's first appearance.
+
+        These are the extra logit columns of generation; sub 0 entries are scored by their base's vocabulary column.
+        """
+        by_base: dict[int, list[int]] = {}
+        for base, sub in self.entries.values():
+            by_base.setdefault(base, []).append(sub)
+        return [(base, sub) for base, subs in by_base.items() if base != exclude_base for sub in subs if sub > 0]
+
+
+class CpmBeeTokenizer(PreTrainedTokenizer):
+    r"""
+    Tokenizer of CPM-Bee, the LLM of VisCPM (see the module docstring for markup and ext ids).
+
+    The vocabulary is fixed: ids from `vocab_size` on name per-input out-of-vocabulary strings, so `add_tokens`
+    refuses new tokens, and `decode` shows an id it has never handed out as `<unk>`. Special tokens are the
+    vocabulary strings written `<...>`: `<pad>` 0, `<unk>` 1, `<mask>` 2, `<sep>` 3, `<s>` 6, `</s>` 7, `<root>` 8,
+    `<ans>` 9, `<option>` 10, `<eod>` 65756.
+
+    Args:
+        vocab_file (`str`): One token per line, id = line number; `</n>` stands for a newline, `</_>` for a space.
+        split_special_tokens (`bool`, defaults to `True`): Plain text is literal: `"<s>"` in it is three characters.
+        prompt_format (`str`, defaults to `"text"`): `"structured"` makes `tokenizer(text)` read each text as a JSON
+            CPM-Bee prompt dict (what the VisCPM chat template renders) and return the model's structural inputs.
+            `decode`/`batch_decode` then map the ext ids of the last structured call's rows back to their strings.
+    """
+
+    vocab_files_names = VOCAB_FILES_NAMES
+    model_input_names = ["input_ids", "attention_mask"]
+
+    def __init__(
+        self,
+        vocab_file: str,
+        bos_token: str = "<s>",
+        eos_token: str = "</s>",
+        unk_token: str = "<unk>",
+        pad_token: str = "<pad>",
+        mask_token: str = "<mask>",
+        sep_token: str = "<sep>",
+        split_special_tokens: bool = True,
+        prompt_format: Literal["text", "structured"] = "text",
+        **kwargs,
+    ):
+        if prompt_format not in ("text", "structured"):
+            raise ValueError(f"prompt_format must be 'text' or 'structured', got {prompt_format!r}.")
+        self.prompt_format = prompt_format
+        self._output_ext_tables: list[dict[int, str]] = []  # per row of the last structured call
+        self._tokens = load_vocab(vocab_file)
+        self._ids = {token: index for index, token in enumerate(self._tokens)}
+        if len(self._ids) != len(self._tokens):
+            raise ValueError(f"{vocab_file} lists some token twice; every line must be a distinct token.")
+        self._special_ids = {index for index, token in enumerate(self._tokens) if is_special_name(token)}
+        # Longest non-special vocabulary string per first character: bounds the greedy match.
+        self._longest_from: dict[str, int] = {}
+        for index, token in enumerate(self._tokens):
+            if index not in self._special_ids:
+                self._longest_from[token[0]] = max(self._longest_from.get(token[0], 0), len(token))
+        self._plain_ext_ids: dict[str, int] = {}  # unknown pieces of plain text seen by this instance
+        self._plain_ext_texts: list[str] = []
+        named = {bos_token, eos_token, unk_token, pad_token, mask_token, sep_token}
+        kwargs.setdefault(
+            "extra_special_tokens", [self._tokens[i] for i in sorted(self._special_ids) if self._tokens[i] not in named]
+        )
+        super().__init__(
+            bos_token=bos_token,
+            eos_token=eos_token,
+            unk_token=unk_token,
+            pad_token=pad_token,
+            mask_token=mask_token,
+            sep_token=sep_token,
+            split_special_tokens=split_special_tokens,
+            prompt_format=prompt_format,
+            **kwargs,
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tokens)
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self._ids)
+
+    # Markup level.
+
+    def tokenize_markup(self, markup: str) -> list[MarkupPiece]:
+        """Cuts markup into pieces; raises `ValueError` for a `<` that is neither `<<` nor a closed `<name>`."""
+        pieces, offset = [], 0
+        for chunk, is_special in split_markup(markup):
+            if is_special:
+                pieces.append(MarkupPiece(chunk, offset, False, True))
+            else:
+                pieces.extend(self._cut(chunk, offset))
+            offset += len(chunk)
+        return pieces
+
+    def _cut(self, text: str, offset: int) -> list[MarkupPiece]:
+        pieces, unknown_from, position = [], None, 0
+        while position < len(text):
+            length = self._match_length(text, position)
+            if length == 0:
+                if unknown_from is None:
+                    unknown_from = position
+                position += 1
+                continue
+            if unknown_from is not None:
+                pieces.append(MarkupPiece(text[unknown_from:position], offset + unknown_from, True, False))
+                unknown_from = None
+            pieces.append(MarkupPiece(text[position : position + length], offset + position, False, False))
+            position += length
+        if unknown_from is not None:
+            pieces.append(MarkupPiece(text[unknown_from:], offset + unknown_from, True, False))
+        return pieces
+
+    def _match_length(self, text: str, position: int) -> int:
+        """Length of the longest non-special vocabulary string at `position`, 0 if none."""
+        for length in range(min(self._longest_from.get(text[position], 0), len(text) - position), 0, -1):
+            index = self._ids.get(text[position : position + length])
+            if index is not None and index not in self._special_ids:
+                return length
+        return 0
+
+    def encode_markup(self, markup: str) -> tuple[list[int], dict[int, str]]:
+        """Markup -> ids and the ext table: strings outside the vocabulary get ids from `vocab_size` on."""
+        ids, ext_ids = [], {}
+        for piece in self.tokenize_markup(markup):
+            index = self._ids.get(piece.token)
+            if index is None:
+                index = ext_ids.setdefault(piece.token, self.vocab_size + len(ext_ids))
+            ids.append(index)
+        return ids, {index: text for text, index in ext_ids.items()}
+
+    def decode_markup(self, ids: list[int], ext_table: dict[int, str] | None = None) -> str:
+        """Ids -> markup that tokenizes back to them: `<` in vocabulary text is doubled, ext ids go through the table.
+
+        The table is looked up first, so it may also rename vocabulary ids (a generation prompt's table maps `<unk>`
+        to the first unknown string of the input).
+        """
+        ext_table = ext_table or {}
+        parts = []
+        for index in ids:
+            index = int(index)
+            if index in ext_table:
+                parts.append(ext_table[index])
+            elif 0 <= index < self.vocab_size:
+                token = self._tokens[index]
+                parts.append(token if index in self._special_ids else escape_markup(token))
+            else:
+                raise ValueError(
+                    f"Id {index} is neither in the vocabulary ({self.vocab_size} tokens) nor in the ext table; pass "
+                    "the ext table that came with these ids."
+                )
+        return "".join(parts)
+
+    def encode_model_ids(self, markup: str, ext_table: CpmBeeExtTable) -> tuple[list[int], list[int]]:
+        """Markup -> (base ids, sub ids) as the model reads them; `ext_table` is shared by all texts of one input.
+
+        Raises `ValueError("Invalid token ...")` for a special token whose base `<name>` is not in the vocabulary.
+        """
+        ids, subs = [], []
+        for piece in self.tokenize_markup(markup):
+            index = self._ids.get(piece.token)
+            if index is None:
+                index = self._base_id(piece)
+                subs.append(ext_table.add(piece.token, index))
+            else:
+                subs.append(0)
+            ids.append(index)
+        return ids, subs
+
+    def _base_id(self, piece: MarkupPiece) -> int:
+        if piece.is_unk:
+            return self.unk_token_id
+        base = "<" + piece.token[1:-1].split("_", 1)[0] + ">"
+        if base not in self._ids:
+            raise ValueError(
+                f"Invalid token {piece.token} at character {piece.start} (counting '<<' as one): a special token "
+                f"outside the vocabulary must be named <name_suffix> after a vocabulary special <name> (such as "
+                f"<ans_1>, <mask_2>, <unk_3>), and there is no {base}; {ESCAPE_HINT}."
+            )
+        return self._ids[base]
+
+    # Structured prompts (prompt_format="structured").
+
+    def __call__(self, text=None, *args, **kwargs) -> BatchEncoding:
+        if self.prompt_format != "structured" or text is None:
+            return super().__call__(text, *args, **kwargs)
+        return self.encode_structured(text, **kwargs)
+
+    def encode_structured(
+        self,
+        prompts,
+        padding_side: str | None = None,
+        return_tensors: str | None = None,
+        max_length: int | None = None,
+        truncation: bool | None = None,
+        **unused,
+    ) -> BatchEncoding:
+        """CPM-Bee prompt dicts (or their JSON text) -> the inputs of `CpmBeeForCausalLM`, padded into a batch.
+
+        Structured prompts cannot be truncated: a prompt longer than `max_length` raises a `ValueError`.
+        """
+        from .prompt_cpmbee import model_prompt, pad_model_prompts
+
+        if truncation:
+            raise ValueError("Structured CPM-Bee prompts cannot be truncated: shorten the context instead.")
+        rows = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        built = []
+        for row in rows:
+            if isinstance(row, str):
+                try:
+                    row = json.loads(row)
+                except json.JSONDecodeError as error:
+                    raise ValueError(
+                        f"With prompt_format='structured' each text must be a JSON CPM-Bee prompt dict ({error}). "
+                        "Render it with the processor's chat template, or pass the dict itself."
+                    ) from error
+            built.append(model_prompt(self, row, max_length=max_length))
+        self._output_ext_tables = [prompt.output_ext_table for prompt in built]
+        encoded = pad_model_prompts(built, padding_side or self.padding_side)
+        return BatchEncoding({k: v if return_tensors else v.tolist() for k, v in encoded.items()}, tensor_type=return_tensors)
+
+    def decode(self, token_ids, skip_special_tokens: bool = False, ext_table: dict[int, str] | None = None, **kwargs):
+        """`ext_table` maps output ids to text; by default the first row's table of the last structured call."""
+        if ext_table is None and self._output_ext_tables:
+            ext_table = self._output_ext_tables[0]
+        if not ext_table:
+            return super().decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
+        ids = token_ids.tolist() if hasattr(token_ids, "tolist") else list(token_ids)
+        special = set(self.all_special_ids)
+        return "".join(
+            ext_table[i] if i in ext_table else "" if skip_special_tokens and i in special else self._convert_id_to_token(i)
+            for i in map(int, ids)
+        )
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = False, **kwargs) -> list[str]:
+        tables = self._output_ext_tables
+        return [
+            self.decode(row, skip_special_tokens=skip_special_tokens, ext_table=tables[i] if i < len(tables) else None, **kwargs)
+            for i, row in enumerate(sequences)
+        ]
+
+    # Plain-text level (the transformers API).
+
+    def _tokenize(self, text: str, **kwargs) -> list[str]:
+        return [piece.token for piece in self.tokenize_markup(escape_markup(text))]
+
+    def _convert_token_to_id(self, token: str) -> int:
+        index = self._ids.get(token)
+        if index is None:
+            index = self._plain_ext_ids.get(token)
+        if index is None:
+            index = self._plain_ext_ids[token] = self.vocab_size + len(self._plain_ext_texts)
+            self._plain_ext_texts.append(token)
+        return index
+
+    def _convert_id_to_token(self, index: int) -> str:
+        if 0 <= index < self.vocab_size:
+            return self._tokens[index]
+        if 0 <= index - self.vocab_size < len(self._plain_ext_texts):
+            return self._plain_ext_texts[index - self.vocab_size]
+        return self.unk_token
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        return "".join(tokens)
+
+    def _add_tokens(self, new_tokens, special_tokens: bool = False) -> int:
+        unknown = [str(token) for token in new_tokens or [] if str(token) not in self._ids]
+        if unknown:
+            raise ValueError(
+                f"Cannot add {unknown}: CPM-Bee's vocabulary is fixed and ids from {self.vocab_size} on are the "
+                "per-input ext columns. Out-of-vocabulary strings need no registration: they are encoded as ext ids."
+            )
+        return super()._add_tokens(new_tokens, special_tokens=special_tokens)
+
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
+        name = (f"{filename_prefix}-" if filename_prefix else "") + VOCAB_FILES_NAMES["vocab_file"]
+        path = os.path.join(save_directory, name)
+        with open(path, "w", encoding="utf-8", newline="") as file:
+            file.write("\n".join(FILE_SPELLINGS.get(token, token) for token in self._tokens))
+        return (path,)
+
+
+__all__ = ["CpmBeeExtTable", "CpmBeeTokenizer", "MarkupPiece", "escape_markup", "unescape_markup"]
