@@ -29,19 +29,3 @@ def tensors(name: str) -> dict:
 @cache
 def json_file(name: str):
     return json.loads((require_parity() / name).read_text(encoding="utf-8"))
-
-
-def tiny_cpmbee_config_kwargs() -> dict:
-    original = json_file("configs.json")["cpmbee_tiny"]
-    return dict(
-        vocab_size=original["vocab_size"],
-        hidden_size=original["dim_model"],
-        num_attention_heads=original["num_heads"],
-        head_dim=original["dim_head"],
-        intermediate_size=original["dim_ff"],
-        num_hidden_layers=original["num_layers"],
-        rms_norm_eps=original["eps"],
-        position_bias_num_buckets=original["position_bias_num_buckets"],
-        position_bias_num_segment_buckets=original["position_bias_num_segment_buckets"],
-        position_bias_max_distance=original["position_bias_max_distance"],
-    )

@@ -12,6 +12,7 @@ from transformers import (
     AutoTokenizer,
 )
 
+from .beit3 import VisCPMBeit3Config, VisCPMBeit3Model
 from .byte_tokenizer import build_byte_level_tokenizer
 from .chat import (
     VisCPMChatConfig,
@@ -25,6 +26,8 @@ from .chat import (
 from .cpmbee import CpmBeeConfig, CpmBeeForCausalLM, CpmBeeModel, CpmBeePreTrainedModel, CpmBeeTokenizer
 
 
+AutoConfig.register(VisCPMBeit3Config.model_type, VisCPMBeit3Config, exist_ok=True)
+AutoModel.register(VisCPMBeit3Config, VisCPMBeit3Model, exist_ok=True)
 AutoConfig.register(CpmBeeConfig.model_type, CpmBeeConfig, exist_ok=True)
 AutoModel.register(CpmBeeConfig, CpmBeeModel, exist_ok=True)
 AutoModelForCausalLM.register(CpmBeeConfig, CpmBeeForCausalLM, exist_ok=True)
@@ -41,6 +44,8 @@ __all__ = [
     "CpmBeeModel",
     "CpmBeePreTrainedModel",
     "CpmBeeTokenizer",
+    "VisCPMBeit3Config",
+    "VisCPMBeit3Model",
     "VisCPMChatConfig",
     "VisCPMChatForConditionalGeneration",
     "VisCPMChatHistory",

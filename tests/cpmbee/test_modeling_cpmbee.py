@@ -1,10 +1,10 @@
 import pytest
 import torch
-from parity import json_file, tensors, tiny_cpmbee_config_kwargs
+from parity import json_file, tensors
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
 
 from viscpm_hf import CpmBeeConfig, CpmBeeForCausalLM, CpmBeeModel
-from viscpm_hf.cpmbee.convert_cpmbee import convert_cpmbee_key
+from viscpm_hf.cpmbee.convert_cpmbee import convert_cpmbee_key, cpmbee_config_from_original
 from viscpm_hf.cpmbee.modeling_cpmbee import relative_position_bucket
 
 
@@ -22,7 +22,7 @@ ATOL = RTOL = 1e-5
 
 @pytest.fixture(scope="module")
 def parity_model():
-    model = CpmBeeForCausalLM(CpmBeeConfig(**tiny_cpmbee_config_kwargs())).eval()
+    model = CpmBeeForCausalLM(cpmbee_config_from_original(json_file("configs.json")["cpmbee_tiny"])).eval()
     weights = tensors("viscpm_chat_tiny.safetensors")
     state = {f"model.{convert_cpmbee_key(k)}": v for k, v in weights.items() if k.startswith("llm.")}
     missing, unexpected = model.load_state_dict(state, strict=False)

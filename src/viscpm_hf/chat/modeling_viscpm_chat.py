@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, LogitsProcessorList, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
@@ -326,6 +326,15 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
 
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
         return self.model.get_image_features(pixel_values, **kwargs)
+
+    def _get_logits_processor(self, generation_config, input_ids_seq_length=None, **kwargs) -> LogitsProcessorList:
+        # An LLM may bring decoding rules of its own (CPM-Bee: the original VisCPM generator's); they go first.
+        processors = super()._get_logits_processor(generation_config, input_ids_seq_length, **kwargs)
+        contribute = getattr(self.model.llm, "decoding_logits_processors", None)
+        if contribute is None:
+            return processors
+        extra = contribute(generation_config, input_ids_seq_length, kwargs.get("model_kwargs"))
+        return LogitsProcessorList([*extra, *processors])
 
     def _validate_model_kwargs(self, model_kwargs: dict) -> None:
         # `forward` hands unknown keyword arguments to the LLM: its own inputs (CPM-Bee's segments, ...) are valid.

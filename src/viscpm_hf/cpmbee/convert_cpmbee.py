@@ -1,6 +1,9 @@
 """Key names of the original CPM-Bee checkpoint (`llm.*` inside VisCPM files) in the transformers layout."""
 
 import re
+from collections.abc import Mapping
+
+from .configuration_cpmbee import CpmBeeConfig
 
 
 _LAYER_RENAMES = {
@@ -34,3 +37,19 @@ def convert_cpmbee_key(original_key: str) -> str:
     if match and match.group(2) in _LAYER_RENAMES:
         return f"layers.{match.group(1)}.{_LAYER_RENAMES[match.group(2)]}"
     raise KeyError(f"{original_key!r} is not a CPM-Bee weight of the original checkpoint layout.")
+
+
+def cpmbee_config_from_original(original: Mapping) -> CpmBeeConfig:
+    """[`CpmBeeConfig`] from the original config keys (`dim_model`, `num_heads`, `dim_head`, ...)."""
+    return CpmBeeConfig(
+        vocab_size=original["vocab_size"],
+        hidden_size=original["dim_model"],
+        num_attention_heads=original["num_heads"],
+        head_dim=original["dim_head"],
+        intermediate_size=original["dim_ff"],
+        num_hidden_layers=original["num_layers"],
+        position_bias_num_buckets=original["position_bias_num_buckets"],
+        position_bias_num_segment_buckets=original["position_bias_num_segment_buckets"],
+        position_bias_max_distance=original["position_bias_max_distance"],
+        rms_norm_eps=original["eps"],
+    )

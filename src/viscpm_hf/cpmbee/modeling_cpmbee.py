@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -25,6 +25,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_cpmbee import CpmBeeConfig
+from .generation_cpmbee import cpmbee_decoding_processors
 
 
 class CpmBeeRMSNorm(nn.Module):
@@ -438,6 +439,17 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
+    def decoding_logits_processors(
+        self, generation_config, prompt_length: int, model_kwargs: dict | None = None
+    ) -> list[LogitsProcessor]:
+        """The original VisCPM decoding rules when `generation_config.cpmbee_decoding` asks for them."""
+        return cpmbee_decoding_processors(generation_config, prompt_length, self.config.vocab_size, model_kwargs)
+
+    def _get_logits_processor(self, generation_config, input_ids_seq_length=None, **kwargs) -> LogitsProcessorList:
+        processors = super()._get_logits_processor(generation_config, input_ids_seq_length, **kwargs)
+        extra = self.decoding_logits_processors(generation_config, input_ids_seq_length, kwargs.get("model_kwargs"))
+        return LogitsProcessorList([*extra, *processors])
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -486,7 +498,10 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states / math.sqrt(self.config.hidden_size))
         if ext_table_ids is not None and ext_table_ids.shape[-1] > 0:
             ext_embeddings = self.model.embed_ext_table(ext_table_ids, ext_table_sub)
-            logits = torch.cat([logits, torch.einsum("bld,bed->ble", hidden_states, ext_embeddings)], dim=-1)
+            ext_logits = torch.einsum("bld,bed->ble", hidden_states, ext_embeddings)
+            # Batches pad ext tables with sub id 0, which no real entry has: those columns must never be chosen.
+            ext_logits = ext_logits.masked_fill(ext_table_sub[:, None, :] == 0, torch.finfo(ext_logits.dtype).min)
+            logits = torch.cat([logits, ext_logits], dim=-1)
 
         loss = None
         if labels is not None:

@@ -19,6 +19,7 @@ Strings in the dict are markup (see `tokenization_cpmbee.py`): a literal `<` mus
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import resources
 
 import torch
 
@@ -338,6 +339,11 @@ class CpmBeeModelPrompt:
     output_ext_table: dict[int, str]  # output id -> text, for decoding what the model writes
 
 
+def viscpm_chat_template() -> str:
+    """The chat template of VisCPM-Chat on CPM-Bee: messages -> the original prompt dict, as JSON."""
+    return resources.files(__package__).joinpath("chat_template.jinja").read_text(encoding="utf-8")
+
+
 def model_prompt(tokenizer: CpmBeeTokenizer, data: dict, max_length: int | None = None) -> CpmBeeModelPrompt:
     """A prompt dict in the layout of `CpmBeeForCausalLM`'s transformers interface.
 
@@ -415,4 +421,5 @@ __all__ = [
     "model_prompt",
     "pad_model_prompts",
     "paint_prompts",
+    "viscpm_chat_template",
 ]

@@ -1,0 +1,1 @@
+"""Conversion of the released VisCPM checkpoints (see `viscpm-convert --help`)."""

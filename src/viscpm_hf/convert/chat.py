@@ -1,0 +1,151 @@
+"""Converts a released VisCPM-Chat checkpoint (balance / zhplus, v1 / v1.1) into a transformers folder.
+
+The original file is one flat state dict: `query`, `mapping.{0,2}.*`, `vpm.*` (BEiT-3) and `llm.*` (CPM-Bee).
+Tensors are streamed one at a time into safetensors shards, renamed to the layout of
+`VisCPMChatForConditionalGeneration`; what inference never uses (the MIM head, BEiT-3's text embedding and mask
+token) is dropped. Every name and shape is checked against the target model before anything is written.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..beit3 import beit3_config_from_original, convert_beit3_key
+from ..chat import VisCPMChatConfig, VisCPMChatForConditionalGeneration, VisCPMChatProcessor, paper_image_processor
+from ..cpmbee import CpmBeeTokenizer
+from ..cpmbee.convert_cpmbee import convert_cpmbee_key, cpmbee_config_from_original
+from ..cpmbee.prompt_cpmbee import viscpm_chat_template
+from .checkpoint import OriginalCheckpoint, ShardedSafetensorsWriter, atomic_output_folder, parse_size
+from .model_card import write_model_card
+
+
+# The original configs (config/cpm-bee-10b.json; BEiT-3 large as VisCPM builds it through torchscale).
+CPMBEE_10B = {
+    "vocab_size": 86583, "dim_model": 4096, "num_heads": 32, "dim_head": 128, "dim_ff": 10240, "num_layers": 48,
+    "position_bias_num_buckets": 256, "position_bias_num_segment_buckets": 256, "position_bias_max_distance": 2048,
+    "eps": 1e-6,
+}  # fmt: skip
+BEIT3_LARGE = {
+    "img_size": 224, "patch_size": 16, "encoder_embed_dim": 1024, "encoder_attention_heads": 16,
+    "encoder_ffn_embed_dim": 4096, "encoder_layers": 24,
+}  # fmt: skip
+NUM_QUERY_TOKENS = 64
+# The image placeholder: a vocabulary special that escaped user text never produces; its embedding is replaced by
+# the image features anyway (the original wrote `<unk>`, which also stands for the first unknown string of a text).
+IMAGE_TOKEN, IMAGE_TOKEN_ID = "<mask>", 2
+
+
+def chat_config_from_original(llm: dict | None = None, vision: dict | None = None) -> VisCPMChatConfig:
+    return VisCPMChatConfig(
+        vision_config=beit3_config_from_original(vision or BEIT3_LARGE, num_query_tokens=NUM_QUERY_TOKENS),
+        text_config=cpmbee_config_from_original(llm or CPMBEE_10B),
+        image_token_id=IMAGE_TOKEN_ID,
+        num_query_tokens=NUM_QUERY_TOKENS,
+        bridge_type="in_tower",
+    )
+
+
+def convert_chat_key(original_key: str) -> str | None:
+    """Original chat key -> `VisCPMChatForConditionalGeneration` key, or None for weights inference never uses."""
+    if original_key.startswith("llm."):
+        try:
+            return f"model.llm.model.{convert_cpmbee_key(original_key)}"
+        except KeyError:
+            return original_key  # reported as unexpected by the caller
+    if original_key.startswith("mapping."):
+        index, parameter = original_key.removeprefix("mapping.").split(".", 1)
+        linear = {"0": "linear_1", "2": "linear_2"}.get(index)
+        return f"model.bridge.mapping.{linear}.{parameter}" if linear else original_key
+    if original_key == "query" or original_key.startswith("vpm."):
+        try:
+            converted = convert_beit3_key(original_key)
+        except KeyError:
+            return original_key  # reported as unexpected by the caller
+        return None if converted is None else f"model.vision_tower.{converted}"
+    return original_key
+
+
+def plan_conversion(
+    checkpoint: OriginalCheckpoint, model: VisCPMChatForConditionalGeneration
+) -> list[tuple[str, str]]:
+    """`(original key, new key)` pairs, after checking names and shapes against `model` (on the meta device)."""
+    tied = set(model.all_tied_weights_keys)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in tied}
+    plan, unexpected, wrong_shapes = [], [], []
+    for key in checkpoint.keys():
+        new_key = convert_chat_key(key)
+        if new_key is None:
+            continue
+        if new_key not in expected:
+            unexpected.append(key)
+        elif checkpoint.shape(key) != expected[new_key]:
+            wrong_shapes.append(f"{key}: {checkpoint.shape(key)} (expected {expected[new_key]})")
+        else:
+            plan.append((key, new_key))
+    missing = sorted(set(expected) - {new_key for _, new_key in plan} - {convert_chat_key(k) for k in unexpected})
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {missing[:10]}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {unexpected[:10]}")
+    if wrong_shapes:
+        problems.append(f"wrong shapes ({len(wrong_shapes)}): {wrong_shapes[:10]}")
+    if problems:
+        raise ValueError(
+            f"{str(checkpoint.path)!r} does not match the VisCPM-Chat layout for this config: " + "; ".join(problems)
+            + ". Check that it is a VisCPM-Chat checkpoint and that --llm-config / --vision-config describe it."
+        )
+    return plan
+
+
+def build_processor(vocab: str | os.PathLike) -> VisCPMChatProcessor:
+    tokenizer = CpmBeeTokenizer(vocab_file=str(vocab), prompt_format="structured")
+    return VisCPMChatProcessor(
+        image_processor=paper_image_processor(224),
+        tokenizer=tokenizer,
+        chat_template=viscpm_chat_template(),
+        image_token=IMAGE_TOKEN,
+        num_image_tokens=NUM_QUERY_TOKENS,
+    )
+
+
+def convert_chat(
+    checkpoint: str | os.PathLike,
+    vocab: str | os.PathLike,
+    output: str | os.PathLike,
+    llm_config: dict | None = None,
+    vision_config: dict | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_size: str | int = "2GB",
+    overwrite: bool = False,
+) -> Path:
+    """Writes a complete `AutoModelForImageTextToText` folder; returns its path."""
+    if not Path(vocab).is_file():
+        raise FileNotFoundError(f"Vocabulary not found: {str(vocab)!r} (the original vocabs/bee.txt).")
+    original = OriginalCheckpoint(checkpoint)
+    config = chat_config_from_original(llm_config, vision_config)
+    with torch.device("meta"):
+        model = VisCPMChatForConditionalGeneration(config)
+    plan = plan_conversion(original, model)
+    processor = build_processor(vocab)
+    generation_config = model.generation_config
+    generation_config.cpmbee_decoding = {"temperature": 0.7, "repetition_penalty": 1.1}
+
+    with atomic_output_folder(output, overwrite=overwrite) as folder:
+        writer = ShardedSafetensorsWriter(folder, parse_size(max_shard_size))
+        for key, new_key in plan:
+            tensor = original[key]
+            writer.add(new_key, tensor.to(dtype) if dtype is not None else tensor)
+            del tensor
+        writer.close()
+        config.dtype = dtype or original[plan[0][0]].dtype
+        config.save_pretrained(folder)
+        generation_config.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        write_model_card(folder / "README.md", "chat", checkpoint=Path(checkpoint).name, config=config)
+        (folder / "conversion.json").write_text(
+            json.dumps({"source": Path(checkpoint).name, "tensors": len(plan)}, indent=2) + "\n"
+        )
+    return Path(output)
