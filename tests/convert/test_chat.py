@@ -1,0 +1,255 @@
+"""Converting the original VisCPM-Chat checkpoint, and the converted model against the original's golden vectors."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from parity import PARITY_DIR, json_file, require_parity, tensors
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from viscpm_hf import CpmBeeTokenizer, VisCPMChatForConditionalGeneration, VisCPMChatProcessor
+from viscpm_hf.convert.chat import IMAGE_TOKEN_ID, convert_chat
+from viscpm_hf.convert.cli import main
+from viscpm_hf.cpmbee.prompt_cpmbee import collate_prompts, flatten_prompt
+
+
+CASES = ["e1_img0_en", "e2_img1_zh", "e3_img0_zh_multiturn"]
+PIXELS = {"vision_image0.png": "image0.pixel_values", "vision_image1.png": "image1.pixel_values"}
+
+
+def tiny_configs() -> dict:
+    configs = json_file("configs.json")
+    return {"llm_config": configs["cpmbee_tiny"], "vision_config": configs["beit3_tiny"]}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    require_parity()
+    output = tmp_path_factory.mktemp("converted") / "viscpm-chat-tiny"
+    convert_chat(
+        PARITY_DIR / "viscpm_chat_tiny.safetensors",
+        PARITY_DIR / "cpmbee_vocab.txt",
+        output,
+        max_shard_size="8MB",
+        **tiny_configs(),
+    )
+    return output
+
+
+@pytest.fixture(scope="module")
+def model(converted):
+    return AutoModelForImageTextToText.from_pretrained(converted).eval()
+
+
+@pytest.fixture(scope="module")
+def processor(converted):
+    return AutoProcessor.from_pretrained(converted)
+
+
+def case_messages(case: dict) -> list[dict]:
+    """The chat of a golden case in the transformers format (its context string split back into turns)."""
+    messages, image = [], {"type": "image", "image": str(PARITY_DIR / case["image"])}
+    for line in filter(None, case["context"].split("\n")):
+        role, text = line.split(": ", 1)
+        messages.append({"role": "user" if role == "User" else "assistant", "content": [{"type": "text", "text": text}]})
+    messages.append({"role": "user", "content": [{"type": "text", "text": case["question"]}]})
+    messages[0]["content"].insert(0, image)
+    return messages
+
+
+def case_inputs(processor, name: str) -> dict:
+    case = json_file("chat_e2e.json")[name]
+    inputs = processor.apply_chat_template(
+        case_messages(case), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    # The stored pixels were resized by Pillow 9.5; feed them so the test does not depend on the Pillow in use.
+    inputs["pixel_values"] = tensors("vision.safetensors")[PIXELS[case["image"]]]
+    return dict(inputs)
+
+
+# --- the converted folder -----------------------------------------------------------------------------------
+
+
+def test_folder_is_complete_and_sharded(converted):
+    names = {path.name for path in converted.iterdir()}
+    assert {"config.json", "generation_config.json", "processor_config.json", "chat_template.jinja", "vocab.txt"} <= names
+    assert "README.md" in names and "model.safetensors.index.json" in names
+    index = json.loads((converted / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and shards <= names
+    assert not any(name.endswith((".bin", ".pt")) for name in names)
+    assert not [p for p in converted.parent.iterdir() if p.name.startswith(".")]  # no partial folder left
+
+
+def test_weights_are_the_original_tensors_renamed(converted):
+    original = load_file(PARITY_DIR / "viscpm_chat_tiny.safetensors")
+    model = VisCPMChatForConditionalGeneration.from_pretrained(converted)
+    state = model.state_dict()
+    assert torch.equal(state["model.vision_tower.embeddings.query_tokens"], original["query"])
+    assert torch.equal(state["model.bridge.mapping.linear_2.weight"], original["mapping.2.weight"])
+    assert torch.equal(state["model.llm.model.layers.1.mlp.down_proj.weight"], original["llm.encoder.layers.1.ffn.ffn.w_out.weight"])
+    assert torch.equal(state["model.llm.lm_head.weight"], original["llm.input_embedding.weight"])  # tied
+
+
+def test_generation_config_has_the_papers_decoding(model):
+    config = model.generation_config
+    assert (config.num_beams, config.length_penalty, config.max_new_tokens) == (3, 3.0, 512)
+    assert config.cpmbee_decoding == {"temperature": 0.7, "repetition_penalty": 1.1}
+    assert config.suppress_tokens == [IMAGE_TOKEN_ID]
+
+
+def test_loads_in_bfloat16_with_device_map(converted):
+    model = AutoModelForImageTextToText.from_pretrained(converted, dtype=torch.bfloat16, device_map="auto")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+# --- parity with the original ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_processor_builds_the_original_prompt(processor, name):
+    case = json_file("chat_e2e.json")[name]
+    inputs = case_inputs(processor, name)
+    original = case["inference_inputs"]
+    ids = inputs["input_ids"][:, :-1].clone()  # the last token is the answer's <s>: the original feeds it first
+    assert (ids == IMAGE_TOKEN_ID).sum() == 64
+    ids[ids == IMAGE_TOKEN_ID] = 1  # the original's image placeholder is <unk>
+    assert ids.tolist() == original["input_ids"]
+    assert inputs["segment_ids"][:, :-1].tolist() == original["segment_ids"]
+    assert inputs["segment_rel"].tolist() == original["segment_rel"]
+    assert inputs["input_id_subs"][:, :-1].tolist() == original["input_id_subs"]
+    assert inputs["segment_ids"][0, -1] == case["other_info"]["predict_segments"][0][0]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_image_features_match_the_original(model, processor, name):
+    inputs = case_inputs(processor, name)
+    with torch.no_grad():
+        features = model.get_image_features(inputs["pixel_values"]).pooler_output
+    expected = tensors("chat_e2e.safetensors")[f"{name}.vision_hidden_states"]
+    torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_first_decoding_logits_match_the_original(model, processor, name):
+    inputs = case_inputs(processor, name)
+    greedy = {k.split(".", 2)[2]: v for k, v in tensors("chat_e2e.safetensors").items() if k.startswith(f"{name}.greedy.")}
+    with torch.no_grad():
+        logits = model(**inputs).logits[0]
+    scale = greedy["prefill_logits_last"].abs().max().item()
+    torch.testing.assert_close(logits[-2], greedy["prefill_logits_last"][0], rtol=1e-5, atol=1e-5 * scale)
+    torch.testing.assert_close(logits[-1], greedy["step_logits_full_first2"][0], rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_greedy_generation_matches_the_original(model, processor, name):
+    inputs = case_inputs(processor, name)
+    expected = json_file("chat_e2e.json")[name]["greedy16"]["chosen_ids"]
+    output = model.generate(
+        **inputs, do_sample=False, num_beams=1, max_new_tokens=16, cpmbee_decoding={"temperature": 1.0, "repetition_penalty": 1.0}
+    )
+    assert output[0, inputs["input_ids"].shape[1] :].tolist() == expected
+
+
+def test_training_forward_and_loss_match_the_original(model):
+    flatten = json_file("flatten_cases.json")["train_batch"]
+    tokenizer = CpmBeeTokenizer(vocab_file=str(PARITY_DIR / "cpmbee_vocab.txt"))
+    data = json_file("chat_e2e.json")["train_batch"]
+    prompts = [flatten_prompt(tokenizer, case["input_dict"]) for case in flatten["cases"]]
+    batch = collate_prompts(tokenizer, prompts, flatten["collater_max_len"])
+    inputs = batch.model_inputs()
+    for row, bounds in enumerate(batch.image_bound):
+        for start, end in bounds:
+            inputs["input_ids"][row, start:end] = IMAGE_TOKEN_ID
+    stored = tensors("chat_e2e.safetensors")
+    with torch.no_grad():
+        out = model(**inputs, pixel_values=stored["train_batch.pixel_values"], output_hidden_states=True)
+    torch.testing.assert_close(out.image_hidden_states, stored["train_batch.vision_hidden_states"], rtol=1e-5, atol=2e-3)
+    torch.testing.assert_close(out.hidden_states[-1], stored["train_batch.hidden_states"], rtol=1e-5, atol=1e-4)
+    assert torch.equal(batch.target, stored["train_batch.target"].long())
+    loss = F.cross_entropy(out.logits.flatten(0, 1), batch.target.flatten(), ignore_index=-100)
+    torch.testing.assert_close(loss, stored["train_batch.loss"][0], rtol=1e-5, atol=1e-5)
+    assert data["loss"] == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_chat_api_two_turns_reuses_the_image(model, processor):
+    image = str(PARITY_DIR / "vision_image0.png")
+    answer, history = model.chat(image, "What is in the image?", processor, num_beams=1, max_new_tokens=8)
+    second, history = model.chat(None, "请再详细描述一下。", processor, history=history, num_beams=1, max_new_tokens=8)
+    assert answer and second
+    text = processor.apply_chat_template(history.messages[:-1], add_generation_prompt=True)
+    assert json.loads(text)["context"] == f"User: What is in the image?\nAI: {answer}\n"
+
+
+# --- bad input ---------------------------------------------------------------------------------------------
+
+
+def test_a_file_that_is_not_a_checkpoint(tmp_path):
+    bogus = tmp_path / "model.pt"
+    bogus.write_bytes(b"definitely not a checkpoint")
+    with pytest.raises(ValueError, match="not a PyTorch checkpoint"):
+        convert_chat(bogus, PARITY_DIR / "cpmbee_vocab.txt", tmp_path / "out", **tiny_configs())
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Checkpoint not found"):
+        convert_chat(tmp_path / "nope.pt", PARITY_DIR / "cpmbee_vocab.txt", tmp_path / "out", **tiny_configs())
+    with pytest.raises(FileNotFoundError, match="Vocabulary not found"):
+        convert_chat(PARITY_DIR / "viscpm_chat_tiny.safetensors", tmp_path / "bee.txt", tmp_path / "out")
+
+
+@pytest.fixture(scope="module")
+def original_weights():
+    return load_file(PARITY_DIR / "viscpm_chat_tiny.safetensors")
+
+
+def test_missing_unexpected_and_misshapen_keys_are_all_reported(tmp_path, original_weights):
+    broken = dict(original_weights)
+    del broken["mapping.0.bias"]
+    broken["llm.extra.weight"] = torch.zeros(1)
+    broken["mapping.2.weight"] = torch.zeros(3, 3)
+    path = tmp_path / "broken.safetensors"
+    save_file(broken, str(path))
+    with pytest.raises(ValueError) as error:
+        convert_chat(path, PARITY_DIR / "cpmbee_vocab.txt", tmp_path / "out", **tiny_configs())
+    message = str(error.value)
+    assert "model.bridge.mapping.linear_1.bias" in message and "llm.extra.weight" in message
+    assert "mapping.2.weight: (3, 3)" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_pickled_checkpoints_load_safely_and_convert_alike(tmp_path, original_weights, converted):
+    path = tmp_path / "viscpm_chat_balance_checkpoint.pt"
+    torch.save({**original_weights, "vpm.mim_head.weight": torch.zeros(8, 48)}, path)  # the unused head is dropped
+    output = tmp_path / "from-pt"
+    assert main(["chat", "--checkpoint", str(path), "--vocab", str(PARITY_DIR / "cpmbee_vocab.txt"), "--output",
+                 str(output), "--llm-config", str(_write_json(tmp_path, "llm.json", tiny_configs()["llm_config"])),
+                 "--vision-config", str(_write_json(tmp_path, "vision.json", tiny_configs()["vision_config"]))]) == 0
+    assert (output / "model.safetensors").is_file()
+    a = VisCPMChatForConditionalGeneration.from_pretrained(output).state_dict()
+    b = VisCPMChatForConditionalGeneration.from_pretrained(converted).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_existing_output_is_kept_unless_overwrite(tmp_path, converted):
+    output = tmp_path / "existing"
+    output.mkdir()
+    (output / "keep.txt").write_text("user data")
+    args = ["chat", "--checkpoint", str(PARITY_DIR / "viscpm_chat_tiny.safetensors"), "--vocab",
+            str(PARITY_DIR / "cpmbee_vocab.txt"), "--output", str(output)]
+    assert main(args) == 1
+    assert (output / "keep.txt").read_text() == "user data"
+
+
+def _write_json(folder, name, data):
+    path = folder / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_processor_type(processor):
+    assert isinstance(processor, VisCPMChatProcessor)
+    assert processor.tokenizer.prompt_format == "structured" and processor.image_token_id == IMAGE_TOKEN_ID
