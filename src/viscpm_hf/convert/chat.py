@@ -17,7 +17,7 @@ from ..chat import VisCPMChatConfig, VisCPMChatForConditionalGeneration, VisCPMC
 from ..cpmbee import CpmBeeTokenizer
 from ..cpmbee.convert_cpmbee import convert_cpmbee_key, cpmbee_config_from_original
 from ..cpmbee.prompt_cpmbee import viscpm_chat_template
-from .checkpoint import OriginalCheckpoint, ShardedSafetensorsWriter, atomic_output_folder, parse_size
+from .checkpoint import OriginalCheckpoint, atomic_output_folder, parse_size, write_safetensors_shards
 from .model_card import write_model_card
 
 
@@ -118,7 +118,7 @@ def convert_chat(
     llm_config: dict | None = None,
     vision_config: dict | None = None,
     dtype: torch.dtype | None = None,
-    max_shard_size: str | int = "2GB",
+    max_shard_size: str | int = "1GB",
     overwrite: bool = False,
 ) -> Path:
     """Writes a complete `AutoModelForImageTextToText` folder; returns its path."""
@@ -134,13 +134,9 @@ def convert_chat(
     generation_config.cpmbee_decoding = {"temperature": 0.7, "repetition_penalty": 1.1}
 
     with atomic_output_folder(output, overwrite=overwrite) as folder:
-        writer = ShardedSafetensorsWriter(folder, parse_size(max_shard_size))
-        for key, new_key in plan:
-            tensor = original[key]
-            writer.add(new_key, tensor.to(dtype) if dtype is not None else tensor)
-            del tensor
-        writer.close()
-        config.dtype = dtype or original[plan[0][0]].dtype
+        entries = [(new_key, original.shape(key), dtype or original.dtype(key)) for key, new_key in plan]
+        write_safetensors_shards(folder, entries, lambda i: original.load(plan[i][0], dtype), parse_size(max_shard_size))
+        config.dtype = entries[0][2]
         config.save_pretrained(folder)
         generation_config.save_pretrained(folder)
         processor.save_pretrained(folder)

@@ -6,18 +6,50 @@ Outputs are written into a hidden temporary folder that is renamed into place on
 interrupted conversion never leaves a folder that looks finished.
 """
 
+import ctypes
 import json
+import math
+import mmap
 import os
 import pickle
 import shutil
+import struct
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+
+
+_MADV_DONTNEED = 4
+try:
+    _madvise = ctypes.CDLL(None, use_errno=True).madvise
+except (OSError, AttributeError):  # not Linux: pages are simply left to the kernel
+    _madvise = None
+
+
+def release_mapped_pages(tensor: torch.Tensor) -> None:
+    """Drops the resident pages of a tensor that lives in a private read-only file mapping.
+
+    The pages are re-read from the file if touched again, so this only lowers the resident memory of a conversion
+    that walks a checkpoint bigger than RAM. Never call it on a tensor that owns its memory.
+    """
+    if _madvise is None:
+        return
+    storage = tensor.untyped_storage()
+    start, length = storage.data_ptr(), storage.nbytes()
+    aligned = start - start % mmap.PAGESIZE
+    _madvise(ctypes.c_void_p(aligned), ctypes.c_size_t(length + start - aligned), _MADV_DONTNEED)
+
+
+# safetensors' dtype names.
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+DTYPES_BY_NAME = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
 
 class OriginalCheckpoint:
@@ -59,57 +91,73 @@ class OriginalCheckpoint:
             return tuple(self._safetensors.get_slice(key).get_shape())
         return tuple(self._state_dict[key].shape)
 
-    def __getitem__(self, key: str) -> torch.Tensor:
+    def dtype(self, key: str) -> torch.dtype:
         if self._safetensors is not None:
-            return self._safetensors.get_tensor(key)
-        return self._state_dict[key]
+            return DTYPES_BY_NAME[self._safetensors.get_slice(key).get_dtype()]
+        return self._state_dict[key].dtype
+
+    def load(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A tensor in memory of its own (cast to `dtype` if given); the file pages read for it are let go."""
+        if self._safetensors is not None:
+            tensor = self._safetensors.get_tensor(key)
+            return tensor if dtype is None else tensor.to(dtype)
+        mapped = self._state_dict[key]
+        tensor = mapped.to(dtype or mapped.dtype, copy=True)
+        release_mapped_pages(mapped)
+        return tensor
 
 
-class ShardedSafetensorsWriter:
-    """Writes tensors into `model-XXXXX-of-YYYYY.safetensors` shards plus an index, one shard in memory at a time."""
+def write_safetensors_shards(
+    folder: Path,
+    entries: list[tuple[str, tuple[int, ...], torch.dtype]],
+    load: Callable[[int], torch.Tensor],
+    max_shard_bytes: int,
+    prefix: str = "model",
+) -> list[str]:
+    """Streams tensors into `prefix-XXXXX-of-YYYYY.safetensors` shards (plus an index), one tensor in memory at a time.
 
-    def __init__(self, folder: Path, max_shard_bytes: int, prefix: str = "model"):
-        self.folder = folder
-        self.max_shard_bytes = max_shard_bytes
-        self.prefix = prefix
-        self.shard: dict[str, torch.Tensor] = {}
-        self.shard_bytes = 0
-        self.shard_files: list[Path] = []
-        self.weight_map: dict[str, int] = {}
-        self.total_bytes = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.shard and self.shard_bytes + size > self.max_shard_bytes:
-            self.flush()
-        self.shard[name] = tensor.contiguous()
-        self.shard_bytes += size
-        self.total_bytes += size
-        self.weight_map[name] = len(self.shard_files)
-
-    def flush(self) -> None:
-        if not self.shard:
-            return
-        path = self.folder / f"{self.prefix}-part-{len(self.shard_files):05d}.safetensors"
-        save_file(self.shard, str(path), metadata={"format": "pt"})
-        self.shard_files.append(path)
-        self.shard, self.shard_bytes = {}, 0
-
-    def close(self) -> None:
-        """Names the shards (`-of-` needs the count) and writes the index; a single shard needs no index."""
-        self.flush()
-        count = len(self.shard_files)
-        if count == 1:
-            self.shard_files[0].rename(self.folder / f"{self.prefix}.safetensors")
-            return
-        names = [f"{self.prefix}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-        for path, name in zip(self.shard_files, names):
-            path.rename(self.folder / name)
+    `entries` are `(name, shape, dtype)`; `load(i)` returns entry i's tensor. Because every shape is known up front,
+    each shard's header is written first and the tensors follow as they are loaded. Returns the file names.
+    """
+    sizes = [math.prod(shape) * torch.empty((), dtype=dtype).element_size() for _, shape, dtype in entries]
+    shards, current, current_bytes = [], [], 0
+    for index, size in enumerate(sizes):
+        if current and current_bytes + size > max_shard_bytes:
+            shards.append(current)
+            current, current_bytes = [], 0
+        current.append(index)
+        current_bytes += size
+    if current:
+        shards.append(current)
+    names = (
+        [f"{prefix}.safetensors"]
+        if len(shards) == 1
+        else [f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    for name, shard in zip(names, shards):
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for index in shard:
+            entry_name, shape, dtype = entries[index]
+            header[entry_name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + sizes[index]]}
+            offset += sizes[index]
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+        with open(folder / name, "wb") as file:
+            file.write(struct.pack("<Q", len(encoded)))
+            file.write(encoded)
+            for index in shard:
+                tensor = load(index).contiguous()
+                if tuple(tensor.shape) != tuple(entries[index][1]) or tensor.dtype != entries[index][2]:
+                    raise ValueError(f"{entries[index][0]}: got {tuple(tensor.shape)} {tensor.dtype}, planned {entries[index][1:]}")
+                file.write(tensor.view(torch.uint8).numpy().data if tensor.numel() else b"")
+                del tensor
+    if len(shards) > 1:
         index = {
-            "metadata": {"total_size": self.total_bytes},
-            "weight_map": {key: names[shard] for key, shard in sorted(self.weight_map.items())},
+            "metadata": {"total_size": sum(sizes)},
+            "weight_map": {entries[i][0]: name for name, shard in zip(names, shards) for i in shard},
         }
-        (self.folder / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (folder / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return names
 
 
 @contextmanager

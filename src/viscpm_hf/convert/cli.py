@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--llm-config", help="original CPM-Bee config JSON (default: CPM-Bee 10B)")
     chat.add_argument("--vision-config", help="original BEiT-3 config JSON (torchscale keys; default: large)")
     chat.add_argument("--dtype", choices=list(DTYPES), help="cast the weights (default: keep the checkpoint's)")
-    chat.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
+    chat.add_argument("--max-shard-size", default="1GB", help="largest safetensors shard (default 1GB)")
     chat.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     return parser
 

@@ -1,0 +1,176 @@
+"""CPM-Bee decoding speed against a Llama of the same width, depth and vocabulary, and conversion memory.
+
+Prints, in one run:
+- decode tokens/s with the KV cache, CpmBeeForCausalLM / LlamaForCausalLM (target ratio >= 0.8);
+- CPM-Bee time per decoded token at sequence lengths 128, 512, 2048 (must grow at most linearly);
+- peak RSS of `viscpm-convert chat` on a synthetic original-format checkpoint of a few GB, as a ratio to its size.
+
+    python benchmarks/bench_cpmbee.py [--hidden 512] [--layers 8] [--tokens 32] [--convert-gb 2.5] [--skip-convert]
+"""
+
+import argparse
+import json
+import multiprocessing
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from viscpm_hf import CpmBeeConfig, CpmBeeForCausalLM
+
+
+VOCAB = 86583
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def seconds_per_token(model, prompt_length: int, new_tokens: int, repeats: int) -> float:
+    """Decoding time per token: generate(n + 1) minus generate(1), so the prefill cancels out."""
+    input_ids = torch.randint(11, 5000, (1, prompt_length))
+    greedy = {"do_sample": False, "num_beams": 1, "pad_token_id": 0, "eos_token_id": None}
+
+    def run(n):
+        return lambda: model.generate(input_ids=input_ids, max_new_tokens=n, min_new_tokens=n, **greedy)
+
+    return (median_seconds(run(new_tokens + 1), repeats) - median_seconds(run(1), repeats)) / new_tokens
+
+
+def decode_comparison(args) -> None:
+    heads = args.hidden // 64
+    torch.manual_seed(0)
+    cpmbee = CpmBeeForCausalLM(
+        CpmBeeConfig(
+            vocab_size=VOCAB, hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=heads,
+            head_dim=64, intermediate_size=3 * args.hidden,
+        )
+    ).eval()
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB, hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=heads,
+            num_key_value_heads=heads, intermediate_size=3 * args.hidden, tie_word_embeddings=True,
+            max_position_embeddings=4096,
+        )
+    ).eval()
+    print(f"width {args.hidden}, {args.layers} layers, {heads} heads, vocab {VOCAB}: CPM-Bee "
+          f"{cpmbee.num_parameters() / 1e6:.1f}M, Llama {llama.num_parameters() / 1e6:.1f}M parameters")
+    ours = seconds_per_token(cpmbee, 128, args.tokens, args.repeats)
+    theirs = seconds_per_token(llama, 128, args.tokens, args.repeats)
+    print(f"decode at 128 prompt tokens: CPM-Bee {1 / ours:7.1f} tok/s   Llama {1 / theirs:7.1f} tok/s   "
+          f"ratio {theirs / ours:.3f}")
+    base = None
+    for length in (128, 512, 2048):
+        per_token = seconds_per_token(cpmbee, length, args.tokens, args.repeats)
+        base = base or per_token
+        print(f"CPM-Bee time per decoded token at {length:5d} tokens: {per_token * 1e3:7.2f} ms "
+              f"({per_token / base:.2f}x the 128-token time, sequence {length / 128:.0f}x)")
+
+
+def synthetic_checkpoint(path: Path, size_gb: float) -> dict:
+    """An original-format VisCPM-Chat state dict (fp16) with a CPM-Bee scaled to about `size_gb`."""
+    hidden, ff = 2048, 5120
+    per_layer = (4 * hidden * hidden + 3 * hidden * ff) * 2
+    layers = max(1, int((size_gb * 1e9 - VOCAB * hidden * 2) / per_layer))
+    llm = {"vocab_size": VOCAB, "dim_model": hidden, "num_heads": 16, "dim_head": 128, "dim_ff": ff, "num_layers": layers,
+           "position_bias_num_buckets": 256, "position_bias_num_segment_buckets": 256,
+           "position_bias_max_distance": 2048, "eps": 1e-6}  # fmt: skip
+    vision = {"img_size": 224, "patch_size": 16, "encoder_embed_dim": 64, "encoder_attention_heads": 4,
+              "encoder_ffn_embed_dim": 128, "encoder_layers": 2}  # fmt: skip
+    from viscpm_hf.convert.chat import chat_config_from_original
+    from viscpm_hf.convert.chat import convert_chat_key  # noqa: F401  (the layout we invert below)
+
+    config = chat_config_from_original(llm, vision)
+    with torch.device("meta"):
+        from viscpm_hf import VisCPMChatForConditionalGeneration
+
+        meta = VisCPMChatForConditionalGeneration(config)
+    shapes = {name: tuple(t.shape) for name, t in meta.state_dict().items()}
+    state = {}
+    original_names = _original_names(llm["num_layers"], vision["encoder_layers"])
+    for original in original_names:
+        new = convert_chat_key(original)
+        state[original] = torch.randn(shapes[new], dtype=torch.float16) if new else torch.zeros(1, dtype=torch.float16)
+    torch.save(state, path)
+    return {"llm": llm, "vision": vision}
+
+
+def _original_names(llm_layers: int, vision_layers: int) -> list[str]:
+    names = ["query", "mapping.0.weight", "mapping.0.bias", "mapping.2.weight", "mapping.2.bias",
+             "vpm.beit3.vision_embed.cls_token", "vpm.beit3.vision_embed.proj.weight",
+             "vpm.beit3.vision_embed.proj.bias", "vpm.beit3.encoder.embed_positions.A.weight",
+             "vpm.beit3.encoder.embed_positions.B.weight", "llm.input_embedding.weight",
+             "llm.position_bias.relative_attention_bias", "llm.encoder.output_layernorm.weight"]  # fmt: skip
+    for expert in "AB":
+        names += [f"vpm.beit3.encoder.layer_norm.{expert}.{p}" for p in ("weight", "bias")]
+        for i in range(vision_layers):
+            layer = f"vpm.beit3.encoder.layers.{i}"
+            for module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                           "self_attn.inner_attn_ln", "self_attn_layer_norm", "final_layer_norm"):  # fmt: skip
+                names += [f"{layer}.{module}.{expert}.{p}" for p in ("weight", "bias")]
+            for module in ("fc1", "fc2", "ffn_layernorm"):
+                names += [f"{layer}.ffn.{expert}.{module}.{p}" for p in ("weight", "bias")]
+    for i in range(llm_layers):
+        layer = f"llm.encoder.layers.{i}"
+        names += [f"{layer}.self_att.layernorm_before_attention.weight", f"{layer}.ffn.layernorm_before_ffn.weight"]
+        names += [f"{layer}.self_att.self_attention.project_{x}.weight" for x in "qkv"]
+        names += [f"{layer}.self_att.self_attention.attention_out.weight", f"{layer}.ffn.ffn.w_out.weight"]
+        names += [f"{layer}.ffn.ffn.w_in.w_{x}.weight" for x in "01"]
+    return names
+
+
+def conversion_memory(size_gb: float) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        checkpoint = folder / "viscpm_chat_synthetic.pt"
+        # Built in a child process, so that this one stays small: a forked child starts with its parent's RSS.
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            configs = pool.apply(synthetic_checkpoint, (checkpoint, size_gb))
+        (folder / "llm.json").write_text(json.dumps(configs["llm"]))
+        (folder / "vision.json").write_text(json.dumps(configs["vision"]))
+        vocab = folder / "bee.txt"
+        vocab.write_text("\n".join(["<pad>", "<unk>", "<mask>", "<sep>", "</n>", "</_>", "<s>", "</s>", "<root>", "<ans>"]
+                                   + [f"t{i}" for i in range(10, VOCAB)]))
+        size = checkpoint.stat().st_size
+        measure = ("import resource, sys; from viscpm_hf.convert.cli import main; code = main(sys.argv[1:]); "
+                   "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)")
+        command = [sys.executable, "-c", measure, "chat", "--checkpoint", str(checkpoint), "--vocab",
+                   str(vocab), "--output", str(folder / "out"), "--llm-config", str(folder / "llm.json"),
+                   "--vision-config", str(folder / "vision.json")]  # fmt: skip
+        start = time.perf_counter()
+        result = subprocess.run(command, check=True, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        peak = int(result.stdout.split()[-1]) * 1024  # the converter's own peak, in KiB
+        print(f"conversion of a {size / 1e9:.2f} GB .pt checkpoint: {seconds:.1f} s, peak RSS {peak / 1e9:.2f} GB "
+              f"= {peak / size:.2f}x the checkpoint size")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--convert-gb", type=float, default=2.5)
+    parser.add_argument("--skip-convert", action="store_true")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    decode_comparison(args)
+    if not args.skip_convert:
+        conversion_memory(args.convert_gb)
+
+
+if __name__ == "__main__":
+    main()
