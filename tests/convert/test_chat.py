@@ -95,7 +95,7 @@ def test_weights_are_the_original_tensors_renamed(converted):
 
 def test_generation_config_has_the_papers_decoding(model):
     config = model.generation_config
-    assert (config.num_beams, config.length_penalty, config.max_new_tokens) == (3, 3.0, 512)
+    assert (config.num_beams, config.length_penalty, config.max_new_tokens) == (3, 3.0, 514)
     assert config.cpmbee_decoding == {"temperature": 0.7, "repetition_penalty": 1.1}
     assert config.suppress_tokens == [IMAGE_TOKEN_ID]
 
@@ -253,3 +253,21 @@ def _write_json(folder, name, data):
 def test_processor_type(processor):
     assert isinstance(processor, VisCPMChatProcessor)
     assert processor.tokenizer.prompt_format == "structured" and processor.image_token_id == IMAGE_TOKEN_ID
+
+
+@pytest.mark.parametrize("setting", ["beam_max16", "beam_max16_lp1"])
+@pytest.mark.parametrize("name", CASES)
+def test_beam_search_matches_the_original(model, processor, name, setting):
+    """The paper's decoding (3 beams, temperature 0.7, repetition penalty 1.1, length penalty 3) through generate."""
+    case = json_file("chat_e2e.json")[name][setting]
+    settings = case["settings"]
+    inputs = case_inputs(processor, name)
+    output = model.generate(
+        **inputs,
+        num_beams=settings["beam_size"],
+        length_penalty=settings["length_penalty"],
+        max_new_tokens=settings["max_length"] + 2,  # the original allows max_length + 1 tokens, then </s>
+        cpmbee_decoding={"temperature": settings["temperature"], "repetition_penalty": settings["repetition_penalty"]},
+    )
+    assert processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True) == case["answer"]
+    assert not model._forward_hooks  # the raw-logit hook of beam search is gone once generate returns

@@ -333,7 +333,7 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         contribute = getattr(self.model.llm, "decoding_logits_processors", None)
         if contribute is None:
             return processors
-        extra = contribute(generation_config, input_ids_seq_length, kwargs.get("model_kwargs"))
+        extra = contribute(generation_config, input_ids_seq_length, kwargs.get("model_kwargs"), model=self)
         return LogitsProcessorList([*extra, *processors])
 
     def _validate_model_kwargs(self, model_kwargs: dict) -> None:

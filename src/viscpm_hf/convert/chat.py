@@ -132,6 +132,7 @@ def convert_chat(
     processor = build_processor(vocab)
     generation_config = model.generation_config
     generation_config.cpmbee_decoding = {"temperature": 0.7, "repetition_penalty": 1.1}
+    generation_config.max_new_tokens = 514  # the original's max_length 512 admits 513 tokens and then </s>
 
     with atomic_output_folder(output, overwrite=overwrite) as folder:
         entries = [(new_key, original.shape(key), dtype or original.dtype(key)) for key, new_key in plan]

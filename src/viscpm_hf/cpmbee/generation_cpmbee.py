@@ -7,13 +7,35 @@ They are switched on by `generation_config.cpmbee_decoding = {"temperature": ...
   so far, its `<s>` included, never on the prompt; ext tokens count as their base id;
 - the temperature, applied after the penalty.
 
-With greedy search and sampling the rules act on raw logits, as the original's. transformers' beam search hands
-processors log-probabilities instead: the temperature is then exact (log-softmax is shift invariant) but the
-penalty is not the original's, so beam search matches the original only when repetition_penalty is 1.
+The rules act on raw logits, as the original's. Greedy search and sampling hand processors raw logits; beam
+search hands them log-probabilities, from which a CTRL penalty cannot be computed, so in beam search the processor
+reads the raw logits of the step from the model's output (`LastStepLogits`) and returns the log-probabilities the
+original beam search scores with.
 """
 
+import weakref
+
 import torch
+from torch import nn
 from transformers import LogitsProcessor
+
+
+class LastStepLogits:
+    """The raw last-position logits of `model`'s latest forward; the hook goes away with this object."""
+
+    def __init__(self, model: nn.Module):
+        self.logits: torch.Tensor | None = None
+        reference = weakref.ref(self)
+
+        def store(module, args, output):
+            keeper = reference()
+            if keeper is not None:
+                keeper.logits = output.logits[:, -1].float()
+
+        self._handle = model.register_forward_hook(store)
+
+    def __del__(self):
+        self._handle.remove()
 
 
 class CpmBeeDecodingLogitsProcessor(LogitsProcessor):
@@ -25,7 +47,9 @@ class CpmBeeDecodingLogitsProcessor(LogitsProcessor):
         temperature: float = 1.0,
         repetition_penalty: float = 1.0,
         ext_table_ids: torch.Tensor | None = None,
+        raw_logits: LastStepLogits | None = None,
     ):
+        """`raw_logits` is given in beam search, whose scores are log-probabilities."""
         if temperature <= 0 or repetition_penalty <= 0:
             raise ValueError(f"temperature and repetition_penalty must be > 0, got {temperature}, {repetition_penalty}.")
         self.prompt_length = prompt_length
@@ -34,9 +58,10 @@ class CpmBeeDecodingLogitsProcessor(LogitsProcessor):
         self.temperature = temperature
         self.repetition_penalty = repetition_penalty
         self.ext_table_ids = ext_table_ids
+        self.raw_logits = raw_logits
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        scores = scores.clone()
+        scores = (self.raw_logits.logits if self.raw_logits is not None else scores).clone()
         unk_in_prompt = (input_ids[:, : self.prompt_length] == self.unk_token_id).any(-1)
         scores[~unk_in_prompt, self.unk_token_id] = -10000.0
         if self.repetition_penalty != 1.0:
@@ -44,7 +69,8 @@ class CpmBeeDecodingLogitsProcessor(LogitsProcessor):
             picked = torch.gather(scores, 1, answer)
             penalised = torch.where(picked < 0, picked * self.repetition_penalty, picked / self.repetition_penalty)
             scores.scatter_(1, answer, penalised)
-        return scores / self.temperature if self.temperature != 1.0 else scores
+        scores = scores / self.temperature if self.temperature != 1.0 else scores
+        return scores.log_softmax(-1) if self.raw_logits is not None else scores
 
     def _base_ids(self, ids: torch.LongTensor) -> torch.LongTensor:
         if self.ext_table_ids is None or self.ext_table_ids.shape[-1] == 0:
@@ -55,8 +81,11 @@ class CpmBeeDecodingLogitsProcessor(LogitsProcessor):
         return torch.where(ids >= self.vocab_size, torch.gather(table, 1, column), ids)
 
 
-def cpmbee_decoding_processors(generation_config, prompt_length: int, vocab_size: int, model_kwargs: dict | None):
-    """The processors `generation_config.cpmbee_decoding` asks for (none when it is unset)."""
+def cpmbee_decoding_processors(
+    generation_config, prompt_length: int, vocab_size: int, model_kwargs: dict | None, model: nn.Module
+) -> list[LogitsProcessor]:
+    """The processors `generation_config.cpmbee_decoding` asks for (none when it is unset); `model` is the one
+    `generate` runs, whose raw logits beam search needs."""
     settings = getattr(generation_config, "cpmbee_decoding", None)
     if not settings:
         return []
@@ -68,5 +97,6 @@ def cpmbee_decoding_processors(generation_config, prompt_length: int, vocab_size
             temperature=settings.get("temperature", 1.0),
             repetition_penalty=settings.get("repetition_penalty", 1.0),
             ext_table_ids=(model_kwargs or {}).get("ext_table_ids"),
+            raw_logits=LastStepLogits(model) if (generation_config.num_beams or 1) > 1 else None,
         )
     ]

@@ -440,10 +440,15 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     def decoding_logits_processors(
-        self, generation_config, prompt_length: int, model_kwargs: dict | None = None
+        self, generation_config, prompt_length: int, model_kwargs: dict | None = None, model: nn.Module | None = None
     ) -> list[LogitsProcessor]:
-        """The original VisCPM decoding rules when `generation_config.cpmbee_decoding` asks for them."""
-        return cpmbee_decoding_processors(generation_config, prompt_length, self.config.vocab_size, model_kwargs)
+        """The original VisCPM decoding rules when `generation_config.cpmbee_decoding` asks for them.
+
+        `model` is the model `generate` runs (this one, or a multimodal model around it).
+        """
+        return cpmbee_decoding_processors(
+            generation_config, prompt_length, self.config.vocab_size, model_kwargs, model or self
+        )
 
     def _get_logits_processor(self, generation_config, input_ids_seq_length=None, **kwargs) -> LogitsProcessorList:
         processors = super()._get_logits_processor(generation_config, input_ids_seq_length, **kwargs)
