@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from viscpm_hf import CpmBeeTokenizer, VisCPMChatForConditionalGeneration, VisCPMChatProcessor
-from viscpm_hf.convert.chat import IMAGE_TOKEN_ID, convert_chat
+from viscpm_hf.convert.chat import IMAGE_TOKEN_ID, chat_config_from_original, convert_chat, plan_conversion
 from viscpm_hf.convert.cli import main
 from viscpm_hf.cpmbee.prompt_cpmbee import collate_prompts, flatten_prompt
 
@@ -183,10 +183,41 @@ def test_chat_api_two_turns_reuses_the_image(model, processor):
     assert json.loads(text)["context"] == f"User: What is in the image?\nAI: {answer}\n"
 
 
+class RealKeyLayout:
+    """The released checkpoint's names and shapes (no tensors), as `OriginalCheckpoint` exposes them."""
+
+    path = PARITY_DIR / "real_checkpoint_keys.json"
+
+    def __init__(self):
+        self.shapes = {key: tuple(shape) for key, (shape, _) in json_file("real_checkpoint_keys.json")["chat_checkpoint"].items()}
+
+    def keys(self):
+        return list(self.shapes)
+
+    def shape(self, key):
+        return self.shapes[key]
+
+
+def test_the_released_checkpoint_layout_converts_completely():
+    """All released variants (balance, zhplus, v1, v1.1) share this layout; every tensor lands or is dropped on purpose."""
+    layout = RealKeyLayout()
+    with torch.device("meta"):
+        model = VisCPMChatForConditionalGeneration(chat_config_from_original())
+    plan = plan_conversion(layout, model)
+    dropped = set(layout.keys()) - {key for key, _ in plan}
+    assert dropped == {"vpm.mim_head.weight", "vpm.mim_head.bias", "vpm.beit3.text_embed.weight", "vpm.beit3.vision_embed.mask_token"}
+    converted_params = sum(torch.Size(layout.shape(key)).numel() for key, _ in plan)
+    assert converted_params == model.num_parameters()
+    assert json_file("real_checkpoint_keys.json")["chat_num_params"] - converted_params == sum(
+        torch.Size(layout.shape(key)).numel() for key in dropped
+    )
+
+
 # --- bad input ---------------------------------------------------------------------------------------------
 
 
 def test_a_file_that_is_not_a_checkpoint(tmp_path):
+    require_parity()
     bogus = tmp_path / "model.pt"
     bogus.write_bytes(b"definitely not a checkpoint")
     with pytest.raises(ValueError, match="not a PyTorch checkpoint"):
@@ -203,7 +234,7 @@ def test_missing_files(tmp_path):
 
 @pytest.fixture(scope="module")
 def original_weights():
-    return load_file(PARITY_DIR / "viscpm_chat_tiny.safetensors")
+    return load_file(require_parity() / "viscpm_chat_tiny.safetensors")
 
 
 def test_missing_unexpected_and_misshapen_keys_are_all_reported(tmp_path, original_weights):
