@@ -174,13 +174,21 @@ def test_training_forward_and_loss_match_the_original(model):
     assert data["loss"] == pytest.approx(loss.item(), rel=1e-5)
 
 
-def test_chat_api_two_turns_reuses_the_image(model, processor):
-    image = str(PARITY_DIR / "vision_image0.png")
-    answer, history = model.chat(image, "What is in the image?", processor, num_beams=1, max_new_tokens=8)
-    second, history = model.chat(None, "请再详细描述一下。", processor, history=history, num_beams=1, max_new_tokens=8)
-    assert answer and second
-    text = processor.apply_chat_template(history.messages[:-1], add_generation_prompt=True)
-    assert json.loads(text)["context"] == f"User: What is in the image?\nAI: {answer}\n"
+def test_chat_api_over_two_turns_matches_the_original(model, processor):
+    """The original `chat()` with all its defaults (3 beams, max_length 512), then a second turn on cached features."""
+    case = json_file("chat_e2e.json")["chat_api_two_turns_max512"]
+    answer, history = model.chat(str(PARITY_DIR / case["image"]), case["turn1"]["question"], processor)
+    assert answer == case["turn1"]["answer"]
+    second, history = model.chat(None, case["turn2"]["question"], processor, history=history)
+    assert second == case["turn2"]["answer"]
+    context = json.loads(processor.apply_chat_template(history.messages[:-1], add_generation_prompt=True))["context"]
+    assert context == case["turn2"]["context_in"]
+
+
+def test_processor_pixels_equal_the_originals_for_an_image_pillow_resizes_alike(processor):
+    """image0 (300x200) resizes identically in Pillow 9.5 and 13 (README section 10)."""
+    pixels = processor(images=[str(PARITY_DIR / "vision_image0.png")], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(pixels, tensors("vision.safetensors")["image0.pixel_values"], rtol=0, atol=1e-6)
 
 
 class RealKeyLayout:
