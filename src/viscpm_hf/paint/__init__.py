@@ -1,0 +1,2 @@
+from .pipeline_viscpm_paint import VisCPMPaintPipeline, VisCPMPaintPipelineOutput
+from .transblock import VisCPMTransBlock
