@@ -81,6 +81,8 @@ def test_folder_is_complete_and_sharded(converted):
     assert len(shards) > 1 and shards <= names
     assert not any(name.endswith((".bin", ".pt")) for name in names)
     assert not [p for p in converted.parent.iterdir() if p.name.startswith(".")]  # no partial folder left
+    card = (converted / "README.md").read_text()
+    assert 'from_pretrained("viscpm-chat-tiny")' in card and ".partial" not in card
 
 
 def test_weights_are_the_original_tensors_renamed(converted):

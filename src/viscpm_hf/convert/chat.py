@@ -141,7 +141,7 @@ def convert_chat(
         config.save_pretrained(folder)
         generation_config.save_pretrained(folder)
         processor.save_pretrained(folder)
-        write_model_card(folder / "README.md", "chat", checkpoint=Path(checkpoint).name, config=config)
+        write_model_card(folder / "README.md", "chat", checkpoint=Path(checkpoint).name, config=config, repo_id=Path(output).name)
         (folder / "conversion.json").write_text(
             json.dumps({"source": Path(checkpoint).name, "tensors": len(plan)}, indent=2) + "\n"
         )

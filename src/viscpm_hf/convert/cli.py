@@ -35,6 +35,21 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--dtype", choices=list(DTYPES), help="cast the weights (default: keep the checkpoint's)")
     chat.add_argument("--max-shard-size", default="1GB", help="largest safetensors shard (default 1GB)")
     chat.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+    paint = commands.add_parser("paint", help="VisCPM-Paint (CPM-Bee + transblock + SD-2.1 UNet) -> diffusers pipeline folder")
+    paint.add_argument("--checkpoint", required=True, help="original .pt / .bin / .safetensors file")
+    paint.add_argument("--vocab", required=True, help="the original CPM-Bee vocabulary (vocabs/bee.txt)")
+    paint.add_argument(
+        "--vae", required=True, help="local diffusers VAE folder: the vae/ folder of stabilityai/stable-diffusion-2-1-base"
+    )
+    paint.add_argument("--output", required=True, help="folder to create")
+    paint.add_argument("--llm-config", help="original CPM-Bee config JSON (default: CPM-Bee 10B)")
+    paint.add_argument("--unet-config", help="diffusers UNet2DConditionModel config.json (default: SD-2.1-base)")
+    paint.add_argument(
+        "--dtype", choices=list(DTYPES), help="cast text encoder, UNet and VAE (default: keep the files'); transblock stays float32"
+    )
+    paint.add_argument("--max-shard-size", default="1GB", help="largest safetensors shard (default 1GB)")
+    paint.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     return parser
 
 
@@ -50,6 +65,25 @@ def main(argv: list[str] | None = None) -> int:
                 args.output,
                 llm_config=read_json(args.llm_config),
                 vision_config=read_json(args.vision_config),
+                dtype=DTYPES.get(args.dtype),
+                max_shard_size=args.max_shard_size,
+                overwrite=args.overwrite,
+            )
+        except (FileNotFoundError, FileExistsError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        print(f"wrote {output}")
+    elif args.command == "paint":
+        from .paint import convert_paint
+
+        try:
+            output = convert_paint(
+                args.checkpoint,
+                args.vocab,
+                args.vae,
+                args.output,
+                llm_config=read_json(args.llm_config),
+                unet_config=read_json(args.unet_config),
                 dtype=DTYPES.get(args.dtype),
                 max_shard_size=args.max_shard_size,
                 overwrite=args.overwrite,
