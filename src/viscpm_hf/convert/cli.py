@@ -55,41 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "chat":
-        from .chat import convert_chat
+    common = {"dtype": DTYPES.get(args.dtype), "max_shard_size": args.max_shard_size, "overwrite": args.overwrite}
+    llm_config = read_json(args.llm_config)
+    try:
+        if args.command == "chat":
+            from .chat import convert_chat
 
-        try:
-            output = convert_chat(
-                args.checkpoint,
-                args.vocab,
-                args.output,
-                llm_config=read_json(args.llm_config),
-                vision_config=read_json(args.vision_config),
-                dtype=DTYPES.get(args.dtype),
-                max_shard_size=args.max_shard_size,
-                overwrite=args.overwrite,
-            )
-        except (FileNotFoundError, FileExistsError, ValueError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-        print(f"wrote {output}")
-    elif args.command == "paint":
-        from .paint import convert_paint
+            vision_config = read_json(args.vision_config)
+            output = convert_chat(args.checkpoint, args.vocab, args.output, llm_config, vision_config, **common)
+        else:
+            from .paint import convert_paint
 
-        try:
-            output = convert_paint(
-                args.checkpoint,
-                args.vocab,
-                args.vae,
-                args.output,
-                llm_config=read_json(args.llm_config),
-                unet_config=read_json(args.unet_config),
-                dtype=DTYPES.get(args.dtype),
-                max_shard_size=args.max_shard_size,
-                overwrite=args.overwrite,
-            )
-        except (FileNotFoundError, FileExistsError, ValueError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-        print(f"wrote {output}")
+            unet_config = read_json(args.unet_config)
+            output = convert_paint(args.checkpoint, args.vocab, args.vae, args.output, llm_config, unet_config, **common)
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {output}")
     return 0
