@@ -233,7 +233,7 @@ class VisCPMChatModel(VisCPMChatPreTrainedModel):
         """What the LLM receives: `input_ids`, or `inputs_embeds` with the bridge outputs at the image placeholders.
 
         Without images the ids go to the LLM as they are, so it embeds them its own way (decoding steps, text-only
-        turns). Returns `(llm_inputs, image_features, image_mask)`.
+        turns). Returns `(llm_inputs, image_features, image_mask)`; the mask is None in decoding steps.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
@@ -248,9 +248,12 @@ class VisCPMChatModel(VisCPMChatPreTrainedModel):
             if isinstance(image_features, (list, tuple)):
                 image_features = torch.stack(list(image_features))
 
+        self.check_sequence_length((input_ids if input_ids is not None else inputs_embeds).shape[1], past_key_values)
+        decoding = image_features is None and past_key_values is not None and past_key_values.get_seq_length() > 0
+        if decoding:  # generated tokens: the placeholder is suppressed, and a per-step check would sync the device
+            return {"input_ids": input_ids, "inputs_embeds": inputs_embeds}, None, None
         num_features = None if image_features is None else image_features.shape[0] * image_features.shape[1]
         image_mask = self.get_placeholder_mask(input_ids, inputs_embeds, num_features)
-        self.check_sequence_length((input_ids if input_ids is not None else inputs_embeds).shape[1], past_key_values)
         if image_features is None:
             return {"input_ids": input_ids, "inputs_embeds": inputs_embeds}, None, image_mask
         if inputs_embeds is None:
@@ -359,7 +362,7 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
             input_ids, inputs_embeds, pixel_values, mm_encoder_outputs, past_key_values
         )
         if labels is not None:
-            ignored = image_mask.to(labels.device)
+            ignored = image_mask.to(labels.device) if image_mask is not None else torch.zeros_like(labels, dtype=torch.bool)
             if attention_mask is not None and attention_mask.ndim == 2:
                 ignored = ignored | (attention_mask.to(labels.device) == 0)
             labels = labels.masked_fill(ignored, -100)
