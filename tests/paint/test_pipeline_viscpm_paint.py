@@ -238,3 +238,22 @@ def test_hub_download_accepts_third_party_components(pipe, tmp_path):
     files = [str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()]
     custom, folders = _get_custom_components_and_folders("org/repo", config, files)
     assert custom == {} and {"transblock", "text_encoder", "tokenizer"} <= set(folders)
+
+
+def test_safety_checker_flags_are_returned(pipe):
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    config = CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )  # fmt: skip
+    pipe.register_modules(
+        safety_checker=StableDiffusionSafetyChecker(config).eval(),
+        feature_extractor=CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+    )
+    out = pipe(["a cat", "a dog"], output_type="np", generator=generator(), **STEPS)
+    assert isinstance(out.nsfw_content_detected, list) and len(out.nsfw_content_detected) == 2
+    flagged = [i for i, nsfw in enumerate(out.nsfw_content_detected) if nsfw]
+    assert all(out.images[i].max() == 0 for i in flagged)  # flagged images are blacked out, as in Stable Diffusion
