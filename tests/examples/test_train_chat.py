@@ -197,11 +197,15 @@ def test_lora_in_pretrain_is_refused(workspace, tmp_path):
 
 
 def test_two_processes_with_accelerate(workspace, tmp_path):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+    # `--cpu --num_processes 2` starts a single process without MPI; `--multi_gpu` on CPU gives real DDP (gloo).
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                str(ROOT / "examples" / "train_chat.py"), "--model_name_or_path", str(workspace / "model"),
                "--data", str(workspace / "conversations.json"), "--image_folder", str(workspace / "images"),
                "--output_dir", str(tmp_path / "out"), "--max_steps", "2", *CPU]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    # 4 examples, 2 per device: two processes finish an epoch per step, one process every two steps.
+    assert json.loads((tmp_path / "out" / "train_log.json").read_text())[-1]["epoch"] == 2.0
     assert (tmp_path / "out" / "model.safetensors").is_file()

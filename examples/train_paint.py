@@ -1,0 +1,664 @@
+"""Train VisCPM-Paint the MPM way (paper section 3.3) with accelerate.
+
+The multilingual LLM (the text encoder) and the VAE stay frozen: no gradients, no optimizer state, and they are
+only placed on the device, never prepared. The transblock and the UNet's cross-attention layers (`attn2`) learn
+from English image-caption pairs; `--train_unet full` trains the whole UNet (small UNets trained from scratch).
+The loss is the MSE between the UNet's prediction (noise, or the scheduler's prediction type) and its target on
+VAE latents with uniformly drawn timesteps; `--caption_dropout` replaces captions by "" so that classifier-free
+guidance works at sampling time. The paper trains at 256 x 256, then continues at 512 x 512 from that checkpoint.
+
+    accelerate launch examples/train_paint.py --pretrained_model_name_or_path viscpm-paint \\
+        --train_data_dir images/ --resolution 256 --output_dir paint-256 --max_train_steps 10000
+    accelerate launch --config_file examples/configs/deepspeed_zero2.yaml examples/train_paint.py ...
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 examples/train_paint.py ...   # 2 CPU processes
+
+The result is a pipeline folder: `VisCPMPaintPipeline.from_pretrained(output_dir)`, or
+`DiffusionPipeline.from_pretrained(output_dir)` after `import viscpm_hf`. `train_log.jsonl` holds the loss of every
+step; `checkpoint-N/` folders resume with `--resume_from_checkpoint latest`.
+"""
+
+import argparse
+import contextlib
+import gc
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import datasets
+import diffusers
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DistributedType, ProjectConfiguration
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+import viscpm_hf  # noqa: F401  (registers VisCPM-Paint with diffusers)
+from viscpm_hf import VisCPMPaintPipeline
+from viscpm_hf.paint.training import (
+    CaptionEncoder,
+    EpochSampler,
+    PaintDenoiser,
+    PaintTrainDataset,
+    TextEmbeddingCache,
+    collate_paint,
+    load_image_captions,
+    mark_trainable,
+    pad_text_states,
+)
+
+
+logger = get_logger(__name__, log_level="INFO")
+
+PROGRESS_FILE = "training_progress.json"  # inside every checkpoint: where the run stood
+LOG_FILE = "train_log.jsonl"  # one line per optimizer step: step, epoch, loss, lr
+WEIGHTS_FILE = "model.safetensors"  # accelerate's name for the (here: trained-only) weights of the prepared model
+SHARDED = (DistributedType.DEEPSPEED, DistributedType.FSDP)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    # Model
+    add("--pretrained_model_name_or_path", required=True, help="A VisCPM-Paint pipeline folder (or Hub id) to start from.")
+    add("--train_unet", choices=["attn2", "full"], default="attn2",
+        help="attn2: train the UNet's cross-attention layers only (the paper); full: the whole UNet.")
+    add("--prediction_type", choices=["epsilon", "v_prediction", "sample"], default=None,
+        help="What the UNet predicts (default: the pipeline scheduler's). A new value is saved into the scheduler.")
+    # Data
+    add("--train_data_dir", default=None,
+        help='An image folder with metadata.jsonl lines {"file_name": ..., "text": ...}.')
+    add("--dataset_name", default=None,
+        help="A datasets dataset: a save_to_disk folder, a data folder/file that load_dataset reads, or a Hub id.")
+    add("--image_column", default="image", help="Image column of --dataset_name (images, or paths relative to it).")
+    add("--caption_column", default="text", help="Caption column of --dataset_name, or caption key of metadata.jsonl.")
+    add("--on_missing_image", choices=["skip", "error"], default="skip",
+        help="A missing or unreadable image: leave the example out (with a warning and a count) or stop.")
+    add("--resolution", type=int, default=512,
+        help="Square training size; the paper trains at 256, then continues at 512 from that checkpoint.")
+    add("--center_crop", action="store_true", help="Crop the centre after resizing (default: a random crop).")
+    add("--random_flip", action="store_true", help="Mirror images horizontally with probability 0.5.")
+    add("--caption_dropout", type=float, default=0.1,
+        help='Share of captions replaced by "" (trains the unconditional branch of classifier-free guidance).')
+    add("--precompute_text_embeddings", action="store_true",
+        help="Encode every caption once with the frozen LLM and keep the hidden states on disk (the transblock "
+             "still trains on top); an existing cache is reused and only missing captions are encoded.")
+    add("--text_embedding_cache", default=None,
+        help="Folder of the text embedding cache (implies --precompute_text_embeddings; default: "
+             "OUTPUT_DIR/text_embedding_cache).")
+    add("--dataloader_num_workers", type=int, default=0, help="Data-loading worker processes (0: the main process).")
+    # Optimisation
+    add("--train_batch_size", type=int, default=16, help="Images per device and micro-batch.")
+    add("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
+    add("--learning_rate", type=float, default=1e-4, help="Peak learning rate of AdamW.")
+    add("--lr_scheduler", default="constant",
+        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+        help="Learning-rate schedule after the warm-up.")
+    add("--lr_warmup_steps", type=int, default=0, help="Optimizer steps of linear warm-up.")
+    add("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
+    add("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
+    add("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
+    add("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
+    add("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
+    add("--max_train_steps", type=int, default=None, help="Optimizer steps to train (overrides --num_train_epochs).")
+    add("--num_train_epochs", type=int, default=1, help="Epochs to train when --max_train_steps is not given.")
+    add("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+        help="Mixed precision through the Accelerator (default: the accelerate config's). The frozen parts are "
+             "held in this precision, the trained parameters in float32.")
+    add("--gradient_checkpointing", action="store_true", help="Recompute UNet activations in backward to save memory.")
+    add("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+    add("--use_ema", action="store_true", help="Keep an exponential moving average of the trained parameters; "
+        "the saved pipeline gets the averaged weights.")
+    add("--ema_decay", type=float, default=0.9999, help="Highest EMA decay (it warms up from 0).")
+    add("--seed", type=int, default=0, help="Seed of the data order, augmentations, caption dropout, noise and timesteps.")
+    # Checkpoints, validation, logging
+    add("--output_dir", default="viscpm-paint-finetuned", help="Where the pipeline, checkpoints and logs go.")
+    add("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps (0: never).")
+    add("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
+    add("--resume_from_checkpoint", default=None,
+        help='A checkpoint folder, or "latest" for the newest checkpoint in --output_dir (none: start afresh).')
+    add("--validation_prompts", nargs="+", default=None,
+        help='Prompts to sample during and after training, in any language, e.g. "a red apple" "一个红苹果".')
+    add("--validation_steps", type=int, default=500, help="Sample the validation prompts every N steps.")
+    add("--validation_inference_steps", type=int, default=50, help="Sampling steps of validation images.")
+    add("--validation_guidance_scale", type=float, default=7.5, help="Guidance scale of validation images.")
+    add("--report_to", default="none", help='Trackers for accelerate ("tensorboard", "wandb", "all", or "none").')
+    add("--logging_dir", default="logs", help="Tracker folder, relative to --output_dir.")
+    add("--tracker_project_name", default="train_paint", help="Project name given to the trackers.")
+    return parser.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Problems that need no model to find, reported before anything large is loaded."""
+    if (args.train_data_dir is None) == (args.dataset_name is None):
+        raise SystemExit("error: pass exactly one of --train_data_dir (an image folder) and --dataset_name.")
+    if args.train_data_dir is not None and not Path(args.train_data_dir).is_dir():
+        raise SystemExit(f"error: --train_data_dir {args.train_data_dir} is not a folder.")
+    if not 0 <= args.caption_dropout <= 1:
+        raise SystemExit(f"error: --caption_dropout must be in [0, 1], got {args.caption_dropout}.")
+    for flag in ("resolution", "train_batch_size", "gradient_accumulation_steps", "validation_steps"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"error: --{flag} must be at least 1, got {getattr(args, flag)}.")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise SystemExit("error: --checkpoints_total_limit must be at least 1.")
+    resume = args.resume_from_checkpoint
+    if resume and resume != "latest":
+        if not Path(resume).is_dir():
+            raise SystemExit(
+                f"error: --resume_from_checkpoint {resume} does not exist; pass a checkpoint-N folder of an earlier "
+                "run, or 'latest' to take the newest one in --output_dir."
+            )
+        if not (Path(resume) / PROGRESS_FILE).is_file():
+            raise SystemExit(f"error: {resume} is not a train_paint.py checkpoint (it has no {PROGRESS_FILE}).")
+    if args.text_embedding_cache is not None:
+        args.precompute_text_embeddings = True
+    if args.precompute_text_embeddings and args.text_embedding_cache is None:
+        args.text_embedding_cache = str(Path(args.output_dir) / "text_embedding_cache")
+
+
+def step_generator(seed: int, micro_step: int, process_index: int) -> torch.Generator:
+    """The randomness of one micro-batch (caption dropout, VAE sample, noise, timesteps) from (seed, micro-step,
+    process) alone, so a resumed run draws what an uninterrupted run draws, cache or no cache."""
+    state = np.random.SeedSequence([seed, micro_step, process_index]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def training_step(
+    batch: dict,
+    generator: torch.Generator,
+    *,
+    accelerator: Accelerator,
+    denoiser: torch.nn.Module,
+    vae,
+    noise_scheduler: DDPMScheduler,
+    caption_encoder: CaptionEncoder,
+    empty_states: torch.Tensor,
+    optimizer,
+    lr_scheduler,
+    caption_dropout: float,
+    max_grad_norm: float,
+) -> torch.Tensor:
+    """One micro-batch: conditioning, noised latents, loss, backward, and the optimizer step when the accumulation
+    is complete. Returns this process's loss (detached)."""
+    pixel_values = batch["pixel_values"]
+    batch_size = pixel_values.shape[0]
+
+    # 1. LLM hidden states of the captions (cached, or encoded now); dropped captions become "".
+    dropped = (torch.rand(batch_size, generator=generator) < caption_dropout).tolist()
+    if "text_states" in batch:
+        states = [empty_states if drop else state for state, drop in zip(batch["text_states"], dropped)]
+    else:
+        states = caption_encoder(["" if drop else caption for caption, drop in zip(batch["captions"], dropped)])
+    text_states, text_mask = pad_text_states(states, device=accelerator.device)
+    text_mask = None if bool(text_mask.all()) else text_mask
+
+    # 2. Latents of the frozen VAE, noised at uniformly drawn timesteps.
+    with torch.no_grad():
+        posterior = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist
+        latents = posterior.sample(generator=generator) * vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+    timesteps = timesteps.to(latents.device)
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = latents
+
+    # 3. Transblock + UNet, MSE, and the (accumulated) update of the trained parameters only.
+    with accelerator.accumulate(denoiser):
+        prediction = denoiser(noisy_latents, timesteps, text_states, text_mask)
+        loss = F.mse_loss(prediction.float(), target.float())
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and max_grad_norm > 0:
+            accelerator.clip_grad_norm_(denoiser.parameters(), max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+# Checkpoints
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Finished checkpoints, oldest first (half-written ones have another name until they are complete)."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, progress: dict) -> Path:
+    """`accelerator.save_state` into a hidden folder, renamed to checkpoint-N once complete; then prunes."""
+    output_dir = Path(args.output_dir)
+    final = output_dir / f"checkpoint-{progress['global_step']}"
+    partial = output_dir / f".{final.name}.partial"
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (partial / PROGRESS_FILE).write_text(json.dumps(progress, indent=1) + "\n")
+        if final.exists():  # the same step written by an earlier, longer run
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        if args.checkpoints_total_limit is not None:
+            for old in list_checkpoints(output_dir)[: -args.checkpoints_total_limit]:
+                shutil.rmtree(old)
+                logger.info(f"Removed {old} (--checkpoints_total_limit {args.checkpoints_total_limit})")
+        logger.info(f"Saved {final}")
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _plain_name(name: str) -> str:
+    """A parameter name without the prefixes of DDP and torch.compile wrappers."""
+    for prefix in ("module.", "_orig_mod."):
+        while name.startswith(prefix):
+            name = name[len(prefix) :]
+    return name
+
+
+def register_checkpoint_hooks(accelerator: Accelerator, trained_names: list[str], ema: EMAModel | None) -> None:
+    """Checkpoints hold the trained parameters only (the frozen ones are in the pretrained folder), and the EMA."""
+    trained = set(trained_names)
+
+    def save_hook(models, weights, output_dir):
+        for index, state in enumerate(weights):  # empty under DeepSpeed and FSDP, which save the whole model
+            weights[index] = {k: v for k, v in state.items() if _plain_name(k) in trained}
+        if ema is not None and accelerator.is_main_process:
+            shadow = {name: p.detach().contiguous() for name, p in zip(trained_names, ema.shadow_params)}
+            save_file(shadow, os.path.join(output_dir, "ema.safetensors"))
+            scalars = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+            Path(output_dir, "ema.json").write_text(json.dumps(scalars) + "\n")
+
+    def load_hook(models, input_dir):
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            state = {_plain_name(k): v for k, v in load_file(os.path.join(input_dir, WEIGHTS_FILE)).items()}
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            if unexpected or trained & set(missing):
+                raise ValueError(
+                    f"Checkpoint {input_dir} does not match this run's trained parameters (missing "
+                    f"{sorted(trained & set(missing))[:5]}, unexpected {unexpected[:5]}): was it made with another "
+                    "--train_unet?"
+                )
+        if ema is not None:
+            if not Path(input_dir, "ema.safetensors").is_file():
+                raise ValueError(f"Checkpoint {input_dir} has no EMA weights: resume it without --use_ema.")
+            shadow = load_file(os.path.join(input_dir, "ema.safetensors"))
+            state = json.loads(Path(input_dir, "ema.json").read_text())
+            state["shadow_params"] = [shadow[name].to(p.device) for name, p in zip(trained_names, ema.shadow_params)]
+            ema.load_state_dict(state)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+# Validation and the model card
+
+
+def run_validation(pipeline: VisCPMPaintPipeline, args, accelerator: Accelerator, step: int, label: str, autocast_dtype):
+    """Samples every validation prompt (seeded), saves the images under output_dir/validation/<label>/ and logs
+    them to the trackers."""
+    folder = Path(args.output_dir, "validation", label)
+    folder.mkdir(parents=True, exist_ok=True)
+    pipeline.set_progress_bar_config(disable=True)
+    device = accelerator.device
+    mixed = autocast_dtype != torch.float32  # frozen UNet weights in half precision beside float32 trained ones
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if mixed else contextlib.nullcontext()
+    images = []
+    for index, prompt in enumerate(args.validation_prompts):
+        generator = torch.Generator().manual_seed(args.seed + index)
+        with autocast, torch.no_grad():
+            image = pipeline(
+                prompt,
+                height=args.resolution,
+                width=args.resolution,
+                num_inference_steps=args.validation_inference_steps,
+                guidance_scale=args.validation_guidance_scale,
+                generator=generator,
+            ).images[0]
+        image.save(folder / f"{index:02d}.png")
+        images.append(image)
+    (folder / "prompts.json").write_text(json.dumps(args.validation_prompts, ensure_ascii=False, indent=1) + "\n")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            stacked = np.stack([np.asarray(image) for image in images])
+            tracker.log_images({f"validation/{label}": stacked}, step, dataformats="NHWC")
+        elif hasattr(tracker, "log_images"):
+            tracker.log_images({f"validation/{label}": images}, step)
+    logger.info(f"Validation images of step {step} in {folder}")
+    return images
+
+
+def write_model_card(args, trained_count: int, examples: int, global_step: int, processes: int) -> None:
+    trained = "the transblock and the " + ("UNet's cross-attention layers" if args.train_unet == "attn2" else "whole UNet")
+    prompts = "\n".join(f"- `{p}` (validation/final/{i:02d}.png)" for i, p in enumerate(args.validation_prompts or []))
+    name = Path(args.output_dir).resolve().name
+    local = Path(args.pretrained_model_name_or_path).exists()
+    base_model = "" if local else f"\nbase_model: {args.pretrained_model_name_or_path}"  # Hub ids only
+    card = f"""---
+library_name: diffusers
+pipeline_tag: text-to-image
+tags:
+  - viscpm
+  - mpm
+  - text-to-image
+  - diffusers-training{base_model}
+---
+
+# {name}
+
+A VisCPM-Paint pipeline fine-tuned from `{args.pretrained_model_name_or_path}` with `examples/train_paint.py` of
+viscpm-hf, following MPM (arXiv 2308.12038, section 3.3): the multilingual LLM that reads the prompt and the VAE
+stayed frozen, and {trained} were trained ({trained_count:,} parameters) on image-caption pairs. Because the LLM is the
+pivot, prompts in its other languages work too, although the captions were in one language.
+
+## Use
+
+```python
+import torch
+import viscpm_hf  # registers the pipeline and its components with diffusers
+from viscpm_hf import VisCPMPaintPipeline
+
+pipe = VisCPMPaintPipeline.from_pretrained("{name}")
+image = pipe("a red apple", generator=torch.Generator().manual_seed(0)).images[0]
+```
+
+## Training
+
+| setting | value |
+|---|---|
+| examples | {examples:,} |
+| resolution | {args.resolution} |
+| optimizer steps | {global_step} |
+| batch | {args.train_batch_size} per device x {args.gradient_accumulation_steps} accumulation x {processes} processes |
+| learning rate | {args.learning_rate} ({args.lr_scheduler}, {args.lr_warmup_steps} warm-up steps) |
+| mixed precision | {args.mixed_precision or "from the accelerate config"} |
+| caption dropout | {args.caption_dropout} |
+| EMA | {f"decay {args.ema_decay}" if args.use_ema else "no"} |
+| seed | {args.seed} |
+
+## Validation prompts
+
+{prompts or "None were given."}
+
+## Limitations
+
+Images can be wrong, biased or unsafe; no safety checker is included unless the base pipeline had one. The licences
+of the base model's weights apply to this derivative.
+"""
+    Path(args.output_dir, "README.md").write_text(card, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Runs a training; returns the log records (step, epoch, loss, lr) of the steps this run made."""
+    args = parse_args(argv)
+    check_args(args)
+
+    # 1. Accelerator and logging.
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > accelerator.num_processes:
+        raise SystemExit(
+            f"error: {launched} processes were launched but accelerate sees {accelerator.num_processes}, so each would "
+            "train alone into the same folder. On a machine without GPUs launch with ACCELERATE_USE_CPU=1, e.g. "
+            "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 examples/train_paint.py ..."
+        )
+    quiet = not accelerator.is_local_main_process
+    for library in (datasets, transformers, diffusers):
+        library.utils.logging.set_verbosity(logging.ERROR if quiet else logging.WARNING)
+    logging.getLogger("viscpm_hf").setLevel(logging.ERROR if quiet else logging.INFO)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        deepspeed_steps = accelerator.state.deepspeed_plugin.deepspeed_config.get("gradient_accumulation_steps")
+        if deepspeed_steps not in ("auto", args.gradient_accumulation_steps):
+            raise SystemExit(
+                f"error: the DeepSpeed config accumulates {deepspeed_steps} steps but --gradient_accumulation_steps is "
+                f"{args.gradient_accumulation_steps}: make them equal (deepspeed_config.gradient_accumulation_steps)."
+            )
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for stale in output_dir.glob(".checkpoint-*.partial"):  # left by an interrupted save
+            shutil.rmtree(stale)
+
+    # 2. Data, checked before any model is loaded.
+    with accelerator.main_process_first():
+        try:
+            records = load_image_captions(
+                args.train_data_dir, args.dataset_name, args.image_column, args.caption_column, args.on_missing_image
+            )
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from error
+    logger.info(f"{len(records)} image-caption pairs")
+
+    # 3. Models: the frozen LLM and VAE in the mixed-precision dtype, the trained part in float32.
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    pipeline = VisCPMPaintPipeline.from_pretrained(
+        args.pretrained_model_name_or_path,
+        dtype={"text_encoder": weight_dtype, "vae": weight_dtype, "default": torch.float32},
+    )
+    if args.resolution % pipeline.vae_scale_factor:
+        raise SystemExit(f"error: --resolution must be a multiple of the VAE's factor {pipeline.vae_scale_factor}.")
+    if args.prediction_type is not None:  # the sampler of validation images must agree with the training target
+        pipeline.scheduler.register_to_config(prediction_type=args.prediction_type)
+    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    text_encoder, vae = pipeline.text_encoder, pipeline.vae
+    text_encoder.requires_grad_(False).eval()
+    vae.requires_grad_(False).eval()
+    denoiser = PaintDenoiser(pipeline.transblock, pipeline.unet)
+    trained_names = mark_trainable(denoiser, args.train_unet)
+    if weight_dtype != torch.float32 and accelerator.distributed_type not in SHARDED:
+        for parameter in denoiser.unet.parameters():  # frozen UNet weights need no float32 copy
+            if not parameter.requires_grad:
+                parameter.data = parameter.data.to(weight_dtype)
+    if args.gradient_checkpointing:
+        denoiser.unet.enable_gradient_checkpointing()
+    text_encoder.to(accelerator.device)
+    vae.to(accelerator.device)
+    caption_encoder = CaptionEncoder(pipeline)
+
+    # 4. Captions: encoded once into the cache (each process a share of the missing ones), or per step.
+    cache = None
+    if args.precompute_text_embeddings:
+        cache = TextEmbeddingCache(args.text_embedding_cache, caption_encoder.fingerprint())
+        captions = set(records["text"]) | {""}
+        encoded = cache.build(
+            captions, caption_encoder, batch_size=args.train_batch_size, process_index=accelerator.process_index,
+            num_processes=accelerator.num_processes, barrier=accelerator.wait_for_everyone,
+            progress=accelerator.is_local_main_process,
+        )  # fmt: skip
+        accelerator.wait_for_everyone()
+        cache.refresh()
+        logger.info(f"Text embedding cache {cache.directory}: {len(captions)} captions, {encoded} newly encoded here")
+        text_encoder.to("cpu")  # not needed on the device again until validation
+        empty_states = cache.get("").to(accelerator.device)
+    else:
+        empty_states = caption_encoder([""])[0]
+
+    dataset = PaintTrainDataset(records, args.resolution, args.center_crop, args.random_flip, args.seed, cache)
+    sampler = EpochSampler(len(dataset), args.seed)
+    train_dataloader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.train_batch_size, sampler=sampler, collate_fn=collate_paint,
+        num_workers=args.dataloader_num_workers,
+    )  # fmt: skip
+
+    # 5. Optimizer over the trained parameters only, schedule, prepare (the frozen parts are not prepared).
+    optimizer = torch.optim.AdamW(
+        [p for p in denoiser.parameters() if p.requires_grad],
+        lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )  # fmt: skip
+    steps_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+    )  # fmt: skip
+    denoiser, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        denoiser, optimizer, train_dataloader, lr_scheduler
+    )
+    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    trained_parameters = [p for p in accelerator.unwrap_model(denoiser).parameters() if p.requires_grad]
+    ema = None
+    if args.use_ema:
+        ema = EMAModel(trained_parameters, decay=args.ema_decay)
+        ema.to(accelerator.device)
+    register_checkpoint_hooks(accelerator, trained_names, ema)
+    if args.report_to != "none":
+        config = {k: (", ".join(v) if isinstance(v, list) else v) for k, v in vars(args).items() if v is not None}
+        accelerator.init_trackers(args.tracker_project_name, config=config)
+    can_validate = bool(args.validation_prompts)
+    if can_validate and accelerator.distributed_type in SHARDED:
+        logger.warning("Validation during training is off under DeepSpeed/FSDP (sharded weights); it runs at the end.")
+
+    # 6. Resume: the model, optimizer, schedule and EMA states, and where in which epoch the run stood.
+    global_step, first_epoch, skip_batches, micro_step = 0, 0, 0, 0
+    resume = args.resume_from_checkpoint
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        resume = str(found[-1]) if found else None
+        if resume is None:
+            logger.info(f"No checkpoint in {output_dir}: starting a new run.")
+    if resume:
+        accelerator.load_state(resume)
+        progress = json.loads(Path(resume, PROGRESS_FILE).read_text())
+        global_step, first_epoch = progress["global_step"], progress["epoch"]
+        skip_batches, micro_step = progress["batches_in_epoch"], progress["micro_step"]
+        if skip_batches >= len(train_dataloader):
+            first_epoch, skip_batches = first_epoch + 1, 0
+        logger.info(f"Resumed from {resume} at step {global_step}")
+    log_path = output_dir / LOG_FILE
+    if accelerator.is_main_process:  # steps after the checkpoint are trained again: drop their old records
+        kept = [line for line in (log_path.read_text().splitlines() if resume and log_path.exists() else [])
+                if json.loads(line)["step"] <= global_step]  # fmt: skip
+        log_path.write_text("".join(line + "\n" for line in kept))
+
+    # 7. The loop.
+    logger.info(
+        f"Training {sum(p.numel() for p in trained_parameters):,} parameters ({args.train_unet}) for {max_train_steps} "
+        f"steps: {args.train_batch_size} x {args.gradient_accumulation_steps} x {accelerator.num_processes} per step"
+    )
+    records_of_run = []
+    progress_bar = tqdm(
+        total=max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    denoiser.train()
+    for epoch in range(first_epoch, num_epochs):
+        if global_step >= max_train_steps:
+            break
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        train_dataloader.set_epoch(epoch)
+        skip = skip_batches if epoch == first_epoch else 0
+        loader = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+        loader.set_epoch(epoch)
+        micro_losses = []
+        for batch_index, batch in enumerate(loader, start=skip):
+            loss = training_step(
+                batch, step_generator(args.seed, micro_step, accelerator.process_index), accelerator=accelerator,
+                denoiser=denoiser, vae=vae, noise_scheduler=noise_scheduler, caption_encoder=caption_encoder,
+                empty_states=empty_states, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                caption_dropout=args.caption_dropout, max_grad_norm=args.max_grad_norm,
+            )  # fmt: skip
+            micro_step += 1
+            micro_losses.append(accelerator.reduce(loss, reduction="mean").item())
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            if ema is not None:
+                ema.step(trained_parameters)
+            record = {"step": global_step, "epoch": epoch, "loss": sum(micro_losses) / len(micro_losses),
+                      "lr": lr_scheduler.get_last_lr()[0]}  # fmt: skip
+            micro_losses = []
+            records_of_run.append(record)
+            accelerator.log({"train_loss": record["loss"], "lr": record["lr"]}, step=global_step)
+            if accelerator.is_main_process:
+                with log_path.open("a") as log:
+                    log.write(json.dumps(record) + "\n")
+            progress_bar.update(1)
+            progress_bar.set_postfix(loss=f"{record['loss']:.4f}")
+
+            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                progress = {"global_step": global_step, "epoch": epoch, "batches_in_epoch": batch_index + 1,
+                            "micro_step": micro_step}  # fmt: skip
+                save_checkpoint(accelerator, args, progress)
+            if can_validate and accelerator.distributed_type not in SHARDED and global_step % args.validation_steps == 0:
+                if accelerator.is_main_process:
+                    denoiser.eval()
+                    if ema is not None:
+                        ema.store(trained_parameters)
+                        ema.copy_to(trained_parameters)
+                    text_encoder.to(accelerator.device)
+                    run_validation(pipeline, args, accelerator, global_step, f"step-{global_step:06d}", weight_dtype)
+                    if cache is not None:
+                        text_encoder.to("cpu")
+                    if ema is not None:
+                        ema.restore(trained_parameters)
+                    denoiser.train()
+                accelerator.wait_for_everyone()
+            if global_step >= max_train_steps:
+                break
+    progress_bar.close()
+
+    # 8. The pipeline: the pretrained folder with the trained (or EMA) parameters put in, saved with save_pretrained.
+    accelerator.wait_for_everyone()
+    if ema is not None:
+        ema.copy_to(trained_parameters)
+    state = accelerator.get_state_dict(denoiser)  # every process takes part (DeepSpeed ZeRO-3 gathers here)
+    trained_state = {name: state[name].detach().to("cpu") for name in trained_names} if accelerator.is_main_process else {}
+    examples, processes = len(dataset), accelerator.num_processes
+    del state, denoiser, optimizer, lr_scheduler, train_dataloader, pipeline, text_encoder, vae, caption_encoder
+    del ema, trained_parameters, dataset, cache, empty_states
+    accelerator.free_memory()
+    gc.collect()
+    if accelerator.is_main_process:
+        final = VisCPMPaintPipeline.from_pretrained(args.pretrained_model_name_or_path)
+        parts = {"unet.": {}, "transblock.": {}}
+        for name, value in trained_state.items():
+            prefix = "unet." if name.startswith("unet.") else "transblock."
+            parts[prefix][name.removeprefix(prefix)] = value
+        missing, unexpected = final.unet.load_state_dict(parts["unet."], strict=False)
+        if unexpected or (args.train_unet == "full" and missing):
+            raise RuntimeError(f"The trained UNet weights do not fit the base UNet: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        final.transblock.load_state_dict(parts["transblock."])
+        if args.prediction_type is not None:
+            final.scheduler.register_to_config(prediction_type=args.prediction_type)
+        final.save_pretrained(output_dir)
+        write_model_card(args, sum(v.numel() for v in trained_state.values()), examples, global_step, processes)
+        logger.info(f"Saved the pipeline to {output_dir}")
+        if args.validation_prompts:
+            run_validation(final.to(accelerator.device), args, accelerator, global_step, "final", torch.float32)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return records_of_run
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main(sys.argv[1:])

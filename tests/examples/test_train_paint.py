@@ -1,0 +1,258 @@
+"""examples/train_paint.py end to end on a tiny VisCPM-Paint (CPU, 32 x 32 images)."""
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from accelerate.commands.config.config_args import ClusterConfig
+from accelerate.state import AcceleratorState
+from datasets import Dataset, Image
+from diffusers import DiffusionPipeline
+from PIL import Image as PILImage
+from safetensors.torch import load_file
+
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "paint"))
+from tiny_paint import tiny_pipeline  # noqa: E402
+
+from viscpm_hf import VisCPMPaintPipeline  # noqa: E402
+
+
+ROOT = Path(__file__).resolve().parents[2]
+CAPTIONS = ["a red apple", "a blue house", "a green tree", "a yellow sun", "a black cat", "a white dog",
+            "a pink flower", "an orange car"]  # fmt: skip
+PROMPTS = ["a red apple", "一个红苹果", "ein roter Apfel"]
+# 8 images, 4 per micro-batch, 2 micro-batches per step: every step sees the whole (tiny) data set.
+COMMON = ["--resolution", "32", "--train_batch_size", "4", "--gradient_accumulation_steps", "2",
+          "--learning_rate", "1e-3", "--seed", "0"]  # fmt: skip
+TRAINING = [*COMMON, "--max_train_steps", "30", "--checkpointing_steps", "10", "--checkpoints_total_limit", "2",
+            "--use_ema"]  # fmt: skip
+MAIN_RUN = [*TRAINING, "--validation_prompts", *PROMPTS, "--validation_steps", "20", "--validation_inference_steps", "2"]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("train_paint", ROOT / "examples" / "train_paint.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_paint = load_script()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each run builds its own Accelerator (with its own mixed precision) in this one process."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_paint")
+    tiny_pipeline().save_pretrained(root / "model")
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(len(CAPTIONS)):
+        pixels = np.zeros((32, 32, 3), np.uint8)
+        pixels[..., index % 3] = 40 + 25 * index
+        pixels[8:24, 8:24] = rng.integers(0, 255, 3)
+        PILImage.fromarray(pixels).save(images / f"{index}.png")
+    write_metadata(images, [(f"{i}.png", c) for i, c in enumerate(CAPTIONS)])
+    return root
+
+
+def write_metadata(folder: Path, rows, key="text"):
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f, key: c}) + "\n" for f, c in rows))
+
+
+def run(workspace, output_dir, *extra, data=None):
+    data = data or ["--train_data_dir", str(workspace / "images")]
+    args = ["--pretrained_model_name_or_path", str(workspace / "model"), *data, "--output_dir", str(output_dir), *extra]
+    return train_paint.main(args)
+
+
+def losses(output_dir) -> list[float]:
+    return [json.loads(line)["loss"] for line in (Path(output_dir) / "train_log.jsonl").read_text().splitlines()]
+
+
+def weights(folder: Path, component: str) -> dict:
+    return load_file(next((folder / component).glob("*.safetensors")))
+
+
+def changed(before: dict, after: dict) -> set[str]:
+    return {name for name in before if not torch.equal(before[name], after[name])}
+
+
+@pytest.fixture(scope="module")
+def main_run(workspace):
+    """attn2 training with accumulation, EMA, checkpoints every 10 steps (keep 2) and validation: 30 steps."""
+    output_dir = workspace / "main_run"
+    run(workspace, output_dir, *MAIN_RUN)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return output_dir
+
+
+def test_loss_falls_when_overfitting(main_run):
+    trajectory = losses(main_run)
+    assert len(trajectory) == 30
+    first, last = np.mean(trajectory[:5]), np.mean(trajectory[-5:])
+    assert last < first - 0.03, (first, last)
+
+
+def test_only_the_transblock_and_cross_attention_train(workspace, main_run):
+    model = workspace / "model"
+    for component in ("text_encoder", "vae"):
+        assert not changed(weights(model, component), weights(main_run, component)), component
+    unet_changed = changed(weights(model, "unet"), weights(main_run, "unet"))
+    assert unet_changed and all("attn2" in name for name in unet_changed)
+    assert changed(weights(model, "transblock"), weights(main_run, "transblock")) == set(weights(model, "transblock"))
+    # Checkpoints hold the trained parameters only (the frozen ones are in the pretrained folder).
+    saved = load_file(main_run / "checkpoint-30" / "model.safetensors")
+    assert saved and all(name.startswith("transblock.") or "attn2" in name for name in saved)
+    assert (main_run / "checkpoint-30" / "ema.safetensors").is_file()
+
+
+def test_checkpoints_are_complete_and_pruned(main_run):
+    assert sorted(p.name for p in main_run.glob("*checkpoint-*")) == ["checkpoint-20", "checkpoint-30"]
+    progress = json.loads((main_run / "checkpoint-20" / "training_progress.json").read_text())
+    assert progress == {"global_step": 20, "epoch": 19, "batches_in_epoch": 2, "micro_step": 40}
+
+
+def test_saved_pipeline_loads_and_generates(main_run):
+    for loader in (VisCPMPaintPipeline, DiffusionPipeline):
+        pipe = loader.from_pretrained(main_run)
+        assert type(pipe) is VisCPMPaintPipeline
+        image = pipe("一个红苹果", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+        assert image.size == (32, 32)
+    card = (main_run / "README.md").read_text()
+    assert "library_name: diffusers" in card and "cross-attention" in card and "一个红苹果" in card
+    for label in ("step-000020", "final"):
+        folder = main_run / "validation" / label
+        assert sorted(p.name for p in folder.glob("*.png")) == ["00.png", "01.png", "02.png"]
+        assert json.loads((folder / "prompts.json").read_text()) == PROMPTS
+
+
+def test_resume_continues_the_same_trajectory(workspace, main_run, tmp_path):
+    shutil.copytree(main_run / "checkpoint-20", tmp_path / "checkpoint-20")
+    (tmp_path / ".checkpoint-30.partial").mkdir()  # a save cut off by the interruption: never taken as a checkpoint
+    run(workspace, tmp_path, *TRAINING, "--resume_from_checkpoint", "latest")
+    assert losses(tmp_path) == pytest.approx(losses(main_run)[20:], abs=1e-6)  # steps 21..30
+    assert not list(tmp_path.glob(".checkpoint-*"))
+    # The EMA went through the checkpoint too: the saved (averaged) weights are the uninterrupted run's.
+    for component in ("transblock", "unet"):
+        assert not changed(weights(main_run, component), weights(tmp_path, component)), component
+
+
+def test_precomputed_text_embeddings_match_and_are_reused(workspace, main_run, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    run(workspace, tmp_path / "a", *COMMON, "--max_train_steps", "10", "--checkpointing_steps", "0",
+        "--precompute_text_embeddings", "--text_embedding_cache", str(cache))  # fmt: skip
+    assert losses(tmp_path / "a") == pytest.approx(losses(main_run)[:10], abs=1e-5)
+    assert len(list(cache.glob("shard-*.safetensors"))) == 1
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    calls = []
+    forward = transformers.BertModel.forward
+    monkeypatch.setattr(transformers.BertModel, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    run(workspace, tmp_path / "b", *COMMON, "--max_train_steps", "2", "--checkpointing_steps", "0",
+        "--text_embedding_cache", str(cache))  # fmt: skip
+    assert calls == [] and len(list(cache.glob("shard-*.safetensors"))) == 1
+
+
+def test_full_unet_in_bf16_with_gradient_checkpointing(workspace, tmp_path):
+    records = run(workspace, tmp_path, *COMMON, "--max_train_steps", "2", "--checkpointing_steps", "0",
+                  "--train_unet", "full", "--mixed_precision", "bf16", "--gradient_checkpointing")  # fmt: skip
+    assert len(records) == 2 and all(np.isfinite(r["loss"]) for r in records)
+    model = workspace / "model"
+    unet_changed = changed(weights(model, "unet"), weights(tmp_path, "unet"))
+    assert any("attn2" not in name for name in unet_changed)
+    assert not changed(weights(model, "text_encoder"), weights(tmp_path, "text_encoder"))
+    assert all(v.dtype == torch.float32 for v in weights(tmp_path, "unet").values())
+
+
+def test_a_datasets_dataset_with_other_column_names(workspace, tmp_path):
+    images = [PILImage.open(workspace / "images" / f"{i}.png") for i in range(4)]
+    dataset = Dataset.from_dict({"picture": images, "caption": CAPTIONS[:4]}).cast_column("picture", Image())
+    dataset.save_to_disk(tmp_path / "data")
+    data = ["--dataset_name", str(tmp_path / "data"), "--image_column", "picture", "--caption_column", "caption"]
+    records = run(workspace, tmp_path / "out", *COMMON, "--max_train_steps", "1", "--checkpointing_steps", "0", data=data)
+    assert len(records) == 1
+
+
+def test_missing_images_are_skipped_with_a_count_or_fail(workspace, tmp_path, caplog):
+    folder = tmp_path / "images"
+    shutil.copytree(workspace / "images", folder)
+    write_metadata(folder, [(f"{i}.png", c) for i, c in enumerate(CAPTIONS)] + [("missing.png", "lost")])
+    with caplog.at_level(logging.WARNING):
+        run(workspace, tmp_path / "out", *COMMON, "--max_train_steps", "1", "--checkpointing_steps", "0",
+            data=["--train_data_dir", str(folder)])  # fmt: skip
+    assert "Skipped 1 of 9" in caplog.text and "missing.png" in caplog.text
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(SystemExit, match=r"missing\.png.*file not found"):
+        run(workspace, tmp_path / "out", "--on_missing_image", "error", data=["--train_data_dir", str(folder)])
+
+
+def test_bad_inputs_say_what_to_fix(workspace, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    write_metadata(empty, [("gone.png", "nothing")])
+    cases = [
+        (["--train_data_dir", str(empty)], [], "No usable image-caption pairs"),
+        (None, ["--caption_column", "caption"], "caption column 'caption'"),
+        (None, ["--resume_from_checkpoint", str(tmp_path / "nope")], "does not exist"),
+        (None, ["--resume_from_checkpoint", str(empty)], "not a train_paint.py checkpoint"),
+        (["--train_data_dir", str(tmp_path / "absent")], [], "is not a folder"),
+        (None, ["--caption_dropout", "1.5"], "caption_dropout"),
+    ]
+    for data, extra, message in cases:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        with pytest.raises(SystemExit, match=message):
+            run(workspace, tmp_path / "out", *extra, data=data)
+
+
+def test_processes_that_accelerate_does_not_see_are_refused(workspace, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # e.g. --multi_gpu on a machine without GPUs and without ACCELERATE_USE_CPU
+    with pytest.raises(SystemExit, match="ACCELERATE_USE_CPU=1"):
+        run(workspace, tmp_path, *COMMON)
+
+
+def test_accelerate_configs_are_valid():
+    expected = {"single_gpu": "NO", "multi_gpu_ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED",
+                "deepspeed_zero3": "DEEPSPEED", "cpu": "NO"}  # fmt: skip
+    for name, kind in expected.items():
+        config = ClusterConfig.from_yaml_file(ROOT / "examples" / "configs" / f"{name}.yaml")
+        assert config.distributed_type.value == kind, name
+    zero2 = ClusterConfig.from_yaml_file(ROOT / "examples" / "configs" / "deepspeed_zero2.yaml")
+    assert zero2.deepspeed_config["zero_stage"] == 2
+    assert ClusterConfig.from_yaml_file(ROOT / "examples" / "configs" / "cpu.yaml").use_cpu
+
+
+def test_two_processes_with_accelerate(workspace, tmp_path):
+    # `accelerate launch --cpu --num_processes 2` starts one process unless MPI is set up; torchrun + the CPU switch
+    # starts two (DDP over gloo).
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", "29517", str(ROOT / "examples" / "train_paint.py"),
+               "--pretrained_model_name_or_path", str(workspace / "model"), "--train_data_dir",
+               str(workspace / "images"), "--output_dir", str(tmp_path), "--resolution", "32", "--train_batch_size", "2",
+               "--max_train_steps", "3", "--checkpointing_steps", "2", "--precompute_text_embeddings"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Num processes: 2" in result.stderr + result.stdout
+    assert (tmp_path / "checkpoint-2" / "random_states_1.pkl").is_file()  # both processes saved their state
+    assert len(list((tmp_path / "text_embedding_cache").glob("shard-*.safetensors"))) == 2  # each encoded a share
+    assert len(losses(tmp_path)) == 3
+    assert isinstance(VisCPMPaintPipeline.from_pretrained(tmp_path), VisCPMPaintPipeline)
