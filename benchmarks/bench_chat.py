@@ -8,8 +8,6 @@ recomputing the vision tower. LLaVA feeds every patch to the LLM; VisCPM-Chat fe
 """
 
 import argparse
-import statistics
-import time
 
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
@@ -22,6 +20,7 @@ from viscpm_hf import (
     build_byte_level_tokenizer,
     paper_image_processor,
 )
+from timing import median_seconds
 
 
 SIZES = {
@@ -56,16 +55,6 @@ def sub_configs(size: dict, vocab_size: int, tokenizer) -> tuple[dict, dict]:
         "eos_token_id": tokenizer.eos_token_id,
     }
     return vision, text
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def prompt(tokenizer, image_token_id: int, num_image_tokens: int) -> torch.Tensor:

@@ -11,7 +11,6 @@ Prints, in one run:
 import argparse
 import json
 import multiprocessing
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,19 +21,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from viscpm_hf import CpmBeeConfig, CpmBeeForCausalLM
+from timing import median_seconds
 
 
 VOCAB = 86583
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 @torch.inference_mode()

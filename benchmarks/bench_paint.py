@@ -8,26 +8,13 @@ text encoder of similar size.
 """
 
 import argparse
-import statistics
-import time
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from viscpm_hf import CpmBeeConfig, CpmBeeModel, CpmBeeTokenizer, VisCPMPaintPipeline, VisCPMTransBlock, build_byte_level_tokenizer
-
-
-def interleaved_medians(first, second, repeats: int) -> tuple[float, float]:
-    """Median seconds of two functions timed in alternation, so drifts of the machine hit both alike."""
-    first(), second()
-    times = ([], [])
-    for _ in range(repeats):
-        for fn, bucket in zip((first, second), times):
-            start = time.perf_counter()
-            fn()
-            bucket.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
+from timing import interleaved_medians
 
 
 def components(cross_attention_dim: int = 512):
