@@ -30,7 +30,7 @@ from .chat import (
     paper_image_processor,
 )
 from .cpmbee import CpmBeeConfig, CpmBeeForCausalLM, CpmBeeModel, CpmBeePreTrainedModel, CpmBeeTokenizer
-from .paint import VisCPMPaintPipeline, VisCPMPaintPipelineOutput, VisCPMTransBlock
+from .paint import PixelShuffleAutoencoder, VisCPMPaintPipeline, VisCPMPaintPipelineOutput, VisCPMTransBlock
 
 
 AutoConfig.register(VisCPMBeit3Config.model_type, VisCPMBeit3Config, exist_ok=True)
@@ -73,6 +73,7 @@ __all__ = [
     "VisCPMChatModel",
     "VisCPMChatPreTrainedModel",
     "VisCPMChatProcessor",
+    "PixelShuffleAutoencoder",
     "VisCPMPaintPipeline",
     "VisCPMPaintPipelineOutput",
     "VisCPMTransBlock",

@@ -42,3 +42,13 @@ def test_bad_requests():
         emoji_entries(("en", "xx"))
     with pytest.raises(ValueError, match="asked for 100000"):
         build_openmoji_dataset(num_emoji=100000)
+
+
+def test_included_emoji_are_always_in_the_train_split():
+    dataset = build_openmoji_dataset(("en", "zh"), image_size=8, num_emoji=12, seed=5, include=("🐘", "☀️"))
+    assert {"🐘", "☀️"} <= set(dataset["train"]["emoji"]) and len(dataset["train"]) + len(dataset["test"]) == 12
+    assert not set(dataset["train"]["emoji"]) & set(dataset["test"]["emoji"])
+    with pytest.raises(ValueError, match="no OpenMoji image"):
+        build_openmoji_dataset(("en", "zh"), num_emoji=12, include=("xyz",))
+    with pytest.raises(ValueError, match="fewer than"):
+        build_openmoji_dataset(("en", "zh"), num_emoji=1, include=("🐘", "☀️"))

@@ -12,6 +12,16 @@ def test_retrieval_accuracy_on_known_features():
         retrieval_accuracy(queries, candidates, [0, 1])
 
 
+def test_retrieval_by_euclidean_distance_differs_from_cosine():
+    candidates = torch.tensor([[1.0, 0.0], [3.0, 0.0]])
+    queries = torch.tensor([[1.2, 0.0], [2.6, 0.1]])
+    # Every query points the same way as both candidates: only the distance tells them apart.
+    assert retrieval_accuracy(queries, candidates, [0, 1], ks=(1,), metric="euclidean") == {1: 1.0}
+    assert retrieval_accuracy(queries, candidates, [1, 1], ks=(1,), metric="euclidean") == {1: 0.5}
+    with pytest.raises(ValueError, match="metric"):
+        retrieval_accuracy(queries, candidates, [0, 1], metric="l1")
+
+
 def test_answers_name_the_emoji_in_any_language():
     names = {"en": "elephant", "zh": "大象", "de": "Elefant"}
     assert answer_names_emoji("这是大象。", names)

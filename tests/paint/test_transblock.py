@@ -16,3 +16,31 @@ def test_stays_float32_when_loaded_in_half_precision(tmp_path):
     block = VisCPMTransBlock.from_pretrained(tmp_path, dtype=torch.float16)
     assert block.projection.weight.dtype == torch.float32
     assert block(torch.randn(1, 3, 8, dtype=torch.float16)).dtype == torch.float32
+
+
+def test_sentence_token_is_the_masked_mean_of_the_real_tokens():
+    torch.manual_seed(0)
+    hidden, mask = torch.randn(2, 4, 8), torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    plain = VisCPMTransBlock(in_features=8, out_features=6)
+    for mode, length in (("prepend", 5), ("only", 1)):
+        block = VisCPMTransBlock(in_features=8, out_features=6, sentence_token=mode)
+        block.load_state_dict(plain.state_dict())
+        out = block(hidden, mask)
+        assert out.shape == (2, length, 6)
+        means = torch.stack([hidden[0].mean(0), hidden[1, :2].mean(0)])[:, None]
+        torch.testing.assert_close(out[:, :1], plain(means))
+        # Padding never reaches the sentence token.
+        padded = hidden.clone()
+        padded[1, 2:] = 100.0
+        torch.testing.assert_close(block(padded, mask)[:, 0], out[:, 0])
+        expected_mask = torch.ones(2, 1, dtype=torch.long) if mode == "only" else torch.cat([torch.ones(2, 1, dtype=torch.long), mask], 1)
+        assert torch.equal(block.conditioning_mask(mask), expected_mask)
+    torch.testing.assert_close(plain(hidden, mask), plain(hidden))
+    assert plain.conditioning_mask(mask) is mask and plain.conditioning_mask(None) is None
+
+
+def test_unknown_sentence_token_mode_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="sentence_token must be one of"):
+        VisCPMTransBlock(in_features=8, out_features=6, sentence_token="max")

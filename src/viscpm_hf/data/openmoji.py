@@ -149,19 +149,31 @@ def build_openmoji_dataset(
     num_emoji: int | None = None,
     test_fraction: float = 0.2,
     seed: int = 0,
+    include: Sequence[str] = (),
 ) -> DatasetDict:
     """`train` / `test` splits, disjoint by emoji, with an `image`, the `emoji`, and per language `name_<lang>`,
-    `caption_<lang>`, `question_<lang>` and `answer_<lang>` columns. `num_emoji` draws that many emoji with `seed`."""
+    `caption_<lang>`, `question_<lang>` and `answer_<lang>` columns. `num_emoji` draws that many emoji with `seed`;
+    the emoji in `include` (e.g. the ones a demo prompts for) are always drawn, into the train split."""
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be between 0 and 1, got {test_fraction}.")
     entries = emoji_entries(languages)
     rng = random.Random(seed)
     rng.shuffle(entries)
+    by_plain = {entry.emoji.replace(VARIATION_SELECTOR, ""): entry for entry in entries}
+    unknown = [e for e in include if e.replace(VARIATION_SELECTOR, "") not in by_plain]
+    if unknown:
+        raise ValueError(f"{unknown} have no OpenMoji image or no name in every one of {list(languages)}.")
+    required = [by_plain[e.replace(VARIATION_SELECTOR, "")] for e in dict.fromkeys(include)]
+    entries = [entry for entry in entries if entry not in required]
     if num_emoji is not None:
-        if num_emoji > len(entries):
-            raise ValueError(f"Only {len(entries)} emoji have names in {list(languages)}; asked for {num_emoji}.")
-        entries = entries[:num_emoji]
-    num_test = max(1, round(len(entries) * test_fraction))
+        if num_emoji > len(entries) + len(required):
+            raise ValueError(f"Only {len(entries) + len(required)} emoji have names in {list(languages)}; asked for {num_emoji}.")
+        if num_emoji < len(required):
+            raise ValueError(f"num_emoji={num_emoji} is fewer than the {len(required)} emoji in `include`.")
+        entries = entries[: num_emoji - len(required)]
+    num_test = max(1, round((len(entries) + len(required)) * test_fraction))
+    if num_test >= len(entries):
+        raise ValueError("The test split would need emoji from `include`: draw more emoji or a smaller test_fraction.")
     features = {"image": Image(), "emoji": Value("string")}
     for lang in languages:
         features |= {f"{column}_{lang}": Value("string") for column in ("name", "caption", "question", "answer")}
@@ -181,4 +193,4 @@ def build_openmoji_dataset(
             records.append(record)
         return Dataset.from_list(records, features=Features(features))
 
-    return DatasetDict(train=rows(entries[num_test:]), test=rows(entries[:num_test]))
+    return DatasetDict(train=rows(entries[num_test:] + required), test=rows(entries[:num_test]))

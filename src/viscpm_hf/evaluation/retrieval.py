@@ -1,21 +1,32 @@
 """Retrieval accuracy: is each query nearest to its own target among all candidates (top-k)?"""
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 
 
 def retrieval_accuracy(
-    queries: torch.Tensor, candidates: torch.Tensor, targets: Sequence[int] | torch.Tensor, ks: Sequence[int] = (1, 5)
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
+    targets: Sequence[int] | torch.Tensor,
+    ks: Sequence[int] = (1, 5),
+    metric: Literal["cosine", "euclidean"] = "cosine",
 ) -> dict[int, float]:
     """`queries` `(n, d)` (e.g. features of generated images), `candidates` `(m, d)` (e.g. of the true images of all
-    test emoji), `targets[i]` the index of query i's true candidate. Cosine similarity; returns {k: accuracy}."""
+    test emoji), `targets[i]` the index of query i's true candidate. Ranks by cosine similarity or by (smallest)
+    euclidean distance, e.g. of raw pixels; returns {k: accuracy}."""
+    if metric not in ("cosine", "euclidean"):
+        raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}.")
     if queries.ndim != 2 or candidates.ndim != 2 or queries.shape[1] != candidates.shape[1]:
         raise ValueError(f"Expected (n, d) and (m, d) features, got {tuple(queries.shape)} and {tuple(candidates.shape)}.")
     targets = torch.as_tensor(targets, device=queries.device)
     if len(targets) != len(queries):
         raise ValueError(f"{len(queries)} queries but {len(targets)} targets.")
-    similarity = torch.nn.functional.normalize(queries.float(), dim=1) @ torch.nn.functional.normalize(candidates.float(), dim=1).T
+    if metric == "cosine":
+        similarity = torch.nn.functional.normalize(queries.float(), dim=1) @ torch.nn.functional.normalize(candidates.float(), dim=1).T
+    else:
+        similarity = -torch.cdist(queries.float(), candidates.float())
     ranking = similarity.argsort(dim=1, descending=True)
     hits = ranking == targets[:, None]
     return {k: hits[:, : min(k, candidates.shape[0])].any(1).float().mean().item() for k in ks}

@@ -1,2 +1,3 @@
+from .pixel_autoencoder import PixelShuffleAutoencoder
 from .pipeline_viscpm_paint import VisCPMPaintPipeline, VisCPMPaintPipelineOutput
 from .transblock import VisCPMTransBlock

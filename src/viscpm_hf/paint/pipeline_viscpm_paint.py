@@ -23,6 +23,7 @@ from transformers import PreTrainedModel
 
 from ..cpmbee.prompt_cpmbee import collate_prompts, flatten_prompt
 from ..cpmbee.tokenization_cpmbee import CpmBeeTokenizer, escape_markup
+from .pixel_autoencoder import PixelShuffleAutoencoder
 from .transblock import VisCPMTransBlock
 
 
@@ -56,7 +57,7 @@ class VisCPMPaintPipeline(DiffusionPipeline):
             any tokenizer of `text_encoder`.
         text_encoder: Any transformers model whose output has `last_hidden_state`; it stays frozen.
         transblock ([`VisCPMTransBlock`]): LLM hidden size -> UNet cross-attention width.
-        unet ([`UNet2DConditionModel`]), vae ([`AutoencoderKL`]), scheduler: as in Stable Diffusion (DDPM for the
+        unet ([`UNet2DConditionModel`]), vae ([`AutoencoderKL`], or [`PixelShuffleAutoencoder`] for tiny images), scheduler: as in Stable Diffusion (DDPM for the
             released weights; any diffusers scheduler works).
         reranker, reranker_processor (*optional*): a CLIP-style model (`logits_per_image`) and its processor,
             used by `rerank=N` to keep the best of N candidates (Chinese-CLIP in the paper).
@@ -74,7 +75,7 @@ class VisCPMPaintPipeline(DiffusionPipeline):
         text_encoder: PreTrainedModel,
         transblock: VisCPMTransBlock,
         unet: UNet2DConditionModel,
-        vae: AutoencoderKL,
+        vae: AutoencoderKL | PixelShuffleAutoencoder,
         scheduler: KarrasDiffusionSchedulers,
         reranker: PreTrainedModel | None = None,
         reranker_processor=None,
@@ -165,7 +166,9 @@ class VisCPMPaintPipeline(DiffusionPipeline):
         inputs = {k: v.to(device) for k, v in inputs.items()}
         with torch.no_grad():
             hidden_states = self.text_encoder(**inputs).last_hidden_state
-            embeds = self.transblock(hidden_states.to(self.transblock.device))
+            mask = mask.to(self.transblock.device)
+            embeds = self.transblock(hidden_states.to(self.transblock.device), mask)
+            mask = self.transblock.conditioning_mask(mask)
         embeds = embeds.repeat_interleave(num_images_per_prompt, dim=0)
         mask = mask.to(device).repeat_interleave(num_images_per_prompt, dim=0)
         count = len(prompts) * num_images_per_prompt

