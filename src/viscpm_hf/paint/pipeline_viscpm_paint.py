@@ -123,6 +123,19 @@ class VisCPMPaintPipeline(DiffusionPipeline):
             pretrained_model_name_or_path = snapshot_download(
                 str(pretrained_model_name_or_path), **{k: kwargs[k] for k in download_keys if k in kwargs}
             )
+        index = Path(pretrained_model_name_or_path) / "model_index.json"
+        if index.is_file():
+            import json
+
+            entries = json.loads(index.read_text())
+            absent = [name for name in ("tokenizer", "text_encoder") if entries.get(name, [None])[0] is None and name not in kwargs]
+            if absent:
+                raise ValueError(
+                    f"{pretrained_model_name_or_path} was saved without its {' and '.join(absent)} (model_index.json "
+                    f"lists them as null, e.g. to ship a small folder whose encoder comes from elsewhere): pass "
+                    f"{', '.join(f'{name}=...' for name in absent)} to from_pretrained, e.g. from "
+                    "viscpm_hf.pivots.load_multilingual_e5() for the MPM demo."
+                )
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     # 1. Prompts -> UNet conditioning
