@@ -646,7 +646,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         missing, unexpected = final.unet.load_state_dict(parts["unet."], strict=False)
         if unexpected or (args.train_unet == "full" and missing):
             raise RuntimeError(f"The trained UNet weights do not fit the base UNet: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        final.transblock.load_state_dict(parts["transblock."])
+        # Buffers (e.g. the transblock's language directions) are not trained: they stay as loaded.
+        missing, unexpected = final.transblock.load_state_dict(parts["transblock."], strict=False)
+        if unexpected or set(missing) & {name for name, _ in final.transblock.named_parameters()}:
+            raise RuntimeError(f"The trained transblock weights do not fit: missing {missing}, unexpected {unexpected}")
         if args.prediction_type is not None:
             final.scheduler.register_to_config(prediction_type=args.prediction_type)
         final.save_pretrained(output_dir)

@@ -30,7 +30,7 @@ from transformers.utils import logging as transformers_logging
 
 import viscpm_hf
 from viscpm_hf import PixelShuffleAutoencoder, VisCPMPaintPipeline, VisCPMTransBlock
-from viscpm_hf.data.openmoji import build_openmoji_dataset
+from viscpm_hf.data.openmoji import CAPTION_TEMPLATES, LANGUAGES, build_openmoji_dataset, emoji_entries
 from viscpm_hf.evaluation import InceptionFeatures, frechet_distance, retrieval_accuracy
 from viscpm_hf.pivots import load_minilm, load_multilingual_e5, sentence_embeddings
 
@@ -52,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--image_size", type=int, default=32)
     add("--sentence_token", choices=["none", "prepend", "only"], default="only",
         help="How the transblock conditions the UNet: token states (the original), plus the mean, or the mean only.")
+    add("--language_directions", action=argparse.BooleanOptionalAction, default=True,
+        help="Project the encoder states off the directions that separate languages (estimated from captions of "
+             "other emoji in 14 languages: text only).")
     add("--block_out_channels", type=int, nargs="+", default=[32, 64, 128])
     add("--cross_attention_dim", type=int, default=128)
     add("--max_train_steps", type=int, default=3600)
@@ -80,7 +83,21 @@ def build_data(args, folder: Path):
     return load_from_disk(str(folder))["train"]
 
 
-def build_initial_pipeline(args, encoder: str, folder: Path) -> None:
+def language_text_states(text_encoder, tokenizer, exclude: set[str], count: int = 200) -> list[torch.Tensor]:
+    """Mean-pooled states of captions in all 14 languages of emoji *outside* the experiment: text only, no image,
+    and none of the evaluated emoji, for `VisCPMTransBlock.set_language_directions`."""
+    import random
+
+    entries = [entry for entry in emoji_entries(LANGUAGES) if entry.emoji not in exclude]
+    random.Random(0).shuffle(entries)
+    return [
+        sentence_embeddings(text_encoder, tokenizer, [CAPTION_TEMPLATES[lang].format(name=e.names[lang]) for e in entries[:count]],
+                            normalize=False)  # fmt: skip
+        for lang in LANGUAGES
+    ]
+
+
+def build_initial_pipeline(args, encoder: str, folder: Path, train) -> None:
     """Frozen encoder + new transblock, UNet (pixel-unshuffled 2x: no VAE to train), v-prediction, cosine schedule."""
     if (folder / "model_index.json").is_file():
         return
@@ -100,8 +117,11 @@ def build_initial_pipeline(args, encoder: str, folder: Path) -> None:
     )
     scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", steps_offset=0)
     transblock = VisCPMTransBlock(
-        text_encoder.config.hidden_size, args.cross_attention_dim, sentence_token=args.sentence_token
+        text_encoder.config.hidden_size, args.cross_attention_dim, sentence_token=args.sentence_token,
+        num_language_directions=len(LANGUAGES) - 1 if args.language_directions else 0,
     )
+    if args.language_directions:
+        transblock.set_language_directions(language_text_states(text_encoder, tokenizer, exclude=set(train["emoji"])))
     pipeline = VisCPMPaintPipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, transblock=transblock, unet=unet,
         vae=PixelShuffleAutoencoder(factor), scheduler=scheduler,
@@ -291,7 +311,7 @@ def main(argv=None) -> list[dict]:
     times = {}
     for encoder in args.encoders:
         if not args.skip_training:
-            build_initial_pipeline(args, encoder, out / f"init-{encoder}")
+            build_initial_pipeline(args, encoder, out / f"init-{encoder}", train)
             times[encoder] = train_pipeline(args, data_dir, out / f"init-{encoder}", out / encoder)
     inception = InceptionFeatures()
     results = []

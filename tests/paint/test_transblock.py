@@ -44,3 +44,28 @@ def test_unknown_sentence_token_mode_is_refused():
 
     with pytest.raises(ValueError, match="sentence_token must be one of"):
         VisCPMTransBlock(in_features=8, out_features=6, sentence_token="max")
+
+
+def test_language_directions_remove_what_separates_languages(tmp_path):
+    import pytest
+
+    torch.manual_seed(0)
+    meaning = torch.randn(50, 16)
+    offsets = torch.randn(3, 16) * 5  # each language shifts every sentence the same way
+    by_language = [meaning + offset for offset in offsets]
+    block = VisCPMTransBlock(in_features=16, out_features=8, sentence_token="only", num_language_directions=2)
+    unprojected = VisCPMTransBlock(in_features=16, out_features=8, sentence_token="only")
+    unprojected.load_state_dict(block.state_dict(), strict=False)
+    block.set_language_directions(by_language)
+    directions = block.language_directions
+    torch.testing.assert_close(directions @ directions.T, torch.eye(2), atol=1e-5, rtol=0)
+    # The same sentences in two languages condition the UNet identically once projected, not before.
+    first, second = (block(states[:, None]) for states in by_language[:2])
+    torch.testing.assert_close(first, second, atol=1e-4, rtol=0)
+    assert (unprojected(by_language[0][:, None]) - unprojected(by_language[1][:, None])).abs().max() > 0.1
+    # The directions are saved and loaded with the weights.
+    block.save_pretrained(tmp_path)
+    loaded = VisCPMTransBlock.from_pretrained(tmp_path)
+    torch.testing.assert_close(loaded.language_directions, directions)
+    with pytest.raises(ValueError, match="at most 1 directions"):
+        block.set_language_directions(by_language[:2])

@@ -1,5 +1,6 @@
 """The transblock of VisCPM-Paint: the frozen LLM's hidden states -> the UNet's cross-attention width."""
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -30,17 +31,37 @@ class VisCPMTransBlock(ModelMixin, ConfigMixin):
         out_features: int = 1024,
         layer_norm_eps: float = 1e-6,
         sentence_token: Literal["none", "prepend", "only"] = "none",
+        num_language_directions: int = 0,
     ):
         super().__init__()
         if sentence_token not in SENTENCE_TOKEN_MODES:
             raise ValueError(f"sentence_token must be one of {SENTENCE_TOKEN_MODES}, got {sentence_token!r}.")
         self.projection = nn.Linear(in_features, out_features, bias=False)
         self.layer_norm = nn.LayerNorm(out_features, eps=layer_norm_eps)
+        if num_language_directions:
+            self.register_buffer("language_directions", torch.zeros(num_language_directions, in_features))
+
+    @torch.no_grad()
+    def set_language_directions(self, states_by_language: Sequence[torch.Tensor]) -> None:
+        """Estimates the language directions from `(n_l, in_features)` hidden states (e.g. mean-pooled sentence
+        states) of text in each language: the orthonormal span of the per-language means around their mean."""
+        count = self.config.num_language_directions
+        if not count or len(states_by_language) <= count:
+            raise ValueError(
+                f"{len(states_by_language)} languages give at most {len(states_by_language) - 1} directions; this "
+                f"transblock holds num_language_directions={count} (must be between 1 and the languages minus one)."
+            )
+        means = torch.stack([states.float().mean(0) for states in states_by_language])
+        directions = torch.linalg.svd(means - means.mean(0), full_matrices=False).Vh[:count]
+        self.language_directions.copy_(directions.to(self.language_directions))
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`attention_mask` `(batch, length)` (1 = token) only matters for the sentence token, which averages the
         real tokens; pair the output with `conditioning_mask(attention_mask)`."""
         hidden_states = hidden_states.to(self.projection.weight.dtype)
+        if self.config.num_language_directions:
+            directions = self.language_directions.to(hidden_states.dtype)
+            hidden_states = hidden_states - (hidden_states @ directions.T) @ directions
         if self.config.sentence_token != "none":
             if attention_mask is None:
                 sentence = hidden_states.mean(dim=1, keepdim=True)
