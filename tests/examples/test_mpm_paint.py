@@ -1,7 +1,6 @@
 """MPM experiment 1 (examples/mpm/paint_openmoji.py) in smoke size, its exported default, and the README demo."""
 
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
