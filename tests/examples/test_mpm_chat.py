@@ -17,22 +17,44 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_both_stages_and_the_language_sweep_run_end_to_end(tmp_path):
+def test_both_stages_the_language_sweep_and_the_exported_adapter(tmp_path):
     import chat_openmoji
+    import torch
+    from PIL import Image
 
     out = tmp_path / "run"
+    exported = tmp_path / "default"
     results = chat_openmoji.main([
-        "--output_dir", str(out), "--llm", "smollm2", "--num_emoji", "12", "--stage1_steps", "1", "--stage2_steps", "1",
-        "--shares", "0", "0.5", "--eval_emoji", "2", "--batch_size", "2", "--sft_repeats", "2", "--max_new_tokens", "3",
+        "--output_dir", str(out), "--llm", "smollm2", "--num_emoji", "12", "--stage1_steps", "1",
+        "--stage2_examples", "8", "--shares", "0", "0.5", "--eval_emoji", "2", "--batch_size", "4",
+        "--max_new_tokens", "3", "--export_default", str(exported), "--export_share", "0.5",
     ])  # fmt: skip
-    english, chinese = (json.loads((out / "data" / f"sft_{lang}.json").read_text()) for lang in ("en", "zh"))
-    assert len(english) == len(chinese) == 2 * 10 and english[0]["conversations"][0]["value"].startswith("<image>\n")
-    assert "图中是什么" in chinese[0]["conversations"][0]["value"]
+    chinese = json.loads((out / "data" / "sft_zh.json").read_text())
+    assert len(chinese) == 8 and "图中是什么" in chinese[0]["conversations"][0]["value"]
+    asked = {f"images/{i}.png" for i in range(2)}  # the Chinese instructions are about the emoji not asked about
+    assert not asked & {row["image"] for row in chinese}
+    english = {share: json.loads((out / "data" / f"sft_en_{share}.json").read_text()) for share in ("0", "0.5")}
+    assert (len(english["0"]), len(english["0.5"])) == (8, 4)  # the same stage-2 size for every share
+    assert english["0"][0]["conversations"][0]["value"].startswith("<image>\n")
     assert set(results) == {"0.0", "0.5"}
     for result in results.values():
         assert set(result) == {"zh", "en", "de", "fr"}
         for scores in result.values():
             assert 0 <= scores["correct"] <= 1 and 0 <= scores["language"] <= 1 and len(scores["examples"]) == 2
     assert "| 50% |" in (out / "results.md").read_text()
-    for folder in ("stage1", "stage2-0", "stage2-0.5"):
-        assert (out / folder / "model.safetensors").is_file() and (out / folder / "processor_config.json").is_file()
+    assert (out / "stage1" / "model.safetensors").is_file()
+    for folder in ("stage2-0", "stage2-0.5"):
+        assert (out / folder / "adapter_model.safetensors").is_file()
+
+    # The exported folder (fp16 adapter + config) rebuilt over the packaged LLM matches the run's own model.
+    assert json.loads((exported / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+    reference, processor = chat_openmoji.load_chat(out / "stage2-0.5", base=out / "init")
+    rebuilt, rebuilt_processor = chat_openmoji.load_chat(exported)
+    image = Image.new("RGB", (32, 32), "red")
+    messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]]
+    texts = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[[image]], text=texts, return_tensors="pt")
+    assert rebuilt_processor(images=[[image]], text=texts, return_tensors="pt")["input_ids"].equal(inputs["input_ids"])
+    with torch.no_grad():
+        expected, actual = reference(**inputs).logits[0, -1, :-1], rebuilt(**inputs).logits[0, -1, :-1]
+    assert expected.argmax() == actual.argmax() and torch.allclose(expected, actual, atol=0.05, rtol=0)
