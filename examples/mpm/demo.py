@@ -71,7 +71,7 @@ def main(argv=None) -> None:
     ).images  # fmt: skip
     from PIL import Image
 
-    n, _, h, w = images.shape
+    _, _, h, w = images.shape
     grid = images.reshape(len(args.prompt), args.num_images, 3, h, w).permute(0, 3, 1, 4, 2).reshape(len(args.prompt) * h, args.num_images * w, 3)
     picture = Image.fromarray((grid.clamp(0, 1) * 255).round().byte().numpy())
     picture.resize((picture.width * args.scale, picture.height * args.scale), Image.Resampling.NEAREST).save(args.output)
