@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import evaluate
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
@@ -31,7 +32,7 @@ from transformers.utils import logging as transformers_logging
 
 from viscpm_hf import VisCPMChatConfig, VisCPMChatForConditionalGeneration, VisCPMChatProcessor, paper_image_processor
 from viscpm_hf.data.openmoji import build_openmoji_dataset
-from viscpm_hf.evaluation import LanguageIdentifier, answer_names_emoji
+from viscpm_hf.evaluation import metric_path
 from viscpm_hf.pivots import load_gemma3_270m, load_smollm2
 
 
@@ -229,23 +230,23 @@ def answer(model, processor, images, questions: list[str], batch: int = 16) -> l
     return [a.strip() for a in answers]
 
 
-def evaluate(args, model_dir: Path, base: Path, train, identify: LanguageIdentifier) -> dict:
+def score(args, model_dir: Path, base: Path, train, metrics: dict) -> dict:
     saved = model_dir / "eval.json"
     if saved.is_file():
         return json.loads(saved.read_text())
     model, processor = load_chat(model_dir, base)
     rows = train.select(range(min(args.eval_emoji, len(train))))
     images = list(rows["image"])
-    names = [{lang: rows[f"name_{lang}"][i] for lang in LANGUAGES} for i in range(len(rows))]
+    names = [[rows[f"name_{lang}"][i] for lang in LANGUAGES] for i in range(len(rows))]
     result = {}
     for lang in ("zh", "en", "de", "fr"):
         answers = answer(model, processor, images, list(rows[f"question_{lang}"]))
-        result[lang] = {
-            "correct": sum(answer_names_emoji(a, n) for a, n in zip(answers, names)) / len(answers),
-            "language": identify.accuracy(answers, lang),
-            "examples": answers[:5],
-        }
-        print(model_dir.name, lang, json.dumps(result[lang], ensure_ascii=False), flush=True)
+        correct = metrics["emoji_answer"].compute(predictions=answers, references=names)["answer_accuracy"]
+        language = metrics["response_language"].compute(
+            predictions=answers, references=[lang] * len(answers), languages=LANGUAGES
+        )["response_language_accuracy"]
+        result[lang] = {"correct": correct, "language": language, "answers": answers}
+        print(model_dir.name, lang, correct, language, json.dumps(answers[:5], ensure_ascii=False), flush=True)
     saved.write_text(json.dumps(result, ensure_ascii=False, indent=2))
     return result
 
@@ -326,12 +327,12 @@ def main(argv=None) -> dict:
     train = build_data(args, data)
     build_initial_model(args, out / "init")
     times = {"stage1": stage1(args, data, out / "init", out / "stage1")}
-    identify = LanguageIdentifier(LANGUAGES)
+    metrics = {name: evaluate.load(metric_path(name)) for name in ("emoji_answer", "response_language")}
     results = {}
     for share in args.shares:
         folder = out / f"stage2-{share:g}"
         times[f"stage2-{share:g}"] = stage2(args, data, train, out / "stage1", share, folder)
-        results[str(share)] = evaluate(args, folder, out / "init", train, identify)
+        results[str(share)] = score(args, folder, out / "init", train, metrics)
     (out / "results.json").write_text(
         json.dumps({"args": vars(args), "seconds": times, "results": results}, indent=2, ensure_ascii=False)
     )
