@@ -51,7 +51,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--shares", type=float, nargs="+", default=[0.0, 0.001, 0.01, 0.1, 0.5], help="Shares of Chinese in stage 2.")
     add("--num_emoji", type=int, default=300, help="Emoji drawn; the train split is trained on and asked about.")
     add("--image_size", type=int, default=32)
-    add("--num_query_tokens", type=int, default=8)
+    add("--bridge", choices=("in_tower", "query_resampler"), default="in_tower",
+        help="in_tower: one LLM token per image patch (LLaVA-style); query_resampler: --num_query_tokens learned "
+        "queries (measured to collapse here: every image gave the same tokens).")
+    add("--patch_size", type=int, default=8)
+    add("--num_query_tokens", type=int, default=8, help="Image tokens of the query_resampler bridge.")
     add("--stage1_steps", type=int, default=240)
     add("--stage2_examples", type=int, default=640, help="Stage-2 examples (one epoch) per share: 0.1%% is one.")
     add("--batch_size", type=int, default=16)
@@ -147,15 +151,17 @@ def build_initial_model(args, folder: Path, train) -> None:
     if (folder / "config.json").is_file():
         return
     llm, tokenizer = LLMS[args.llm]()
-    processor = build_processor(tokenizer, args.image_size, args.num_query_tokens)
+    num_tokens = (args.image_size // args.patch_size) ** 2 if args.bridge == "in_tower" else args.num_query_tokens
+    processor = build_processor(tokenizer, args.image_size, num_tokens)
     config = VisCPMChatConfig(
         vision_config={
             "model_type": "siglip_vision_model", "hidden_size": 192, "intermediate_size": 384, "num_hidden_layers": 4,
-            "num_attention_heads": 4, "image_size": args.image_size, "patch_size": 4, "vision_use_head": False,
+            "num_attention_heads": 4, "image_size": args.image_size, "patch_size": args.patch_size, "vision_use_head": False,
         },
         text_config=llm.config.to_dict(),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        num_query_tokens=args.num_query_tokens,
+        num_query_tokens=num_tokens,
+        bridge_type=args.bridge,
     )  # fmt: skip
     torch.manual_seed(args.seed)
     model = VisCPMChatForConditionalGeneration(config)
