@@ -58,3 +58,12 @@ def test_both_stages_the_language_sweep_and_the_exported_adapter(tmp_path):
     with torch.no_grad():
         expected, actual = reference(**inputs).logits[0, -1, :-1], rebuilt(**inputs).logits[0, -1, :-1]
     assert expected.argmax() == actual.argmax() and torch.allclose(expected, actual, atol=0.05, rtol=0)
+
+    # The README demo asks an exported chat model about a local image; the two flags go together.
+    import demo
+
+    image.save(tmp_path / "red.png")
+    answers = demo.ask(exported, tmp_path / "red.png", ["What is shown?", "图中是什么？"])
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    with pytest.raises(SystemExit):
+        demo.main(["--image", str(tmp_path / "red.png")])

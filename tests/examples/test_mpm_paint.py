@@ -43,8 +43,7 @@ def test_experiment_runs_end_to_end_and_exports_a_small_default(tmp_path, capsys
     # The export: a few MB, no text encoder, loaded back by the library's own from_pretrained plus the pivot.
     size = sum(f.stat().st_size for f in default.rglob("*") if f.is_file())
     assert size < 20e6 and not (default / "text_encoder").exists()
-    demo.main(["--model", str(default), "--prompt", "大象", "Elefant", "--num_images", "2", "--output", str(tmp_path / "d.png"),
-               "--image", ""])  # fmt: skip
+    demo.main(["--model", str(default), "--prompt", "大象", "Elefant", "--num_images", "2", "--output", str(tmp_path / "d.png")])
     from PIL import Image
 
     assert Image.open(tmp_path / "d.png").size == (2 * 32 * 4, 2 * 32 * 4)
