@@ -197,7 +197,7 @@ def load_chat(adapter: str | Path, base: str | Path | None = None):
 
 
 def run_train_chat(args, extra: list[str], out: Path) -> float:
-    if (out / "config.json").is_file():
+    if (out / "run_time.json").is_file():  # written last: the run finished
         return json.loads((out / "run_time.json").read_text())["seconds"]
     env = dict(os.environ)
     if args.threads:

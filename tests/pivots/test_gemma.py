@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from viscpm_hf import VisCPMChatProcessor, paper_image_processor
 from viscpm_hf.pivots import load_gemma3_270m, load_smollm2
 from viscpm_hf.pivots.cache import package_dir, read_provenance
 from viscpm_hf.pivots.gemma import SMOLLM2_FILE
@@ -48,3 +49,13 @@ def test_gemma3_270m_is_a_multilingual_causal_lm(tmp_path):
     with torch.no_grad():
         next_token = model(**inputs).logits[0, -1].argmax()
     assert "Paris" in tokenizer.decode(next_token)
+
+    # VisCPM-Chat's template over this tokenizer: the generation prompt is a token prefix of a trained turn (the
+    # space after "AI:" folds into the answer's first token, so the prompt must not end in a lone space token).
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    processor = VisCPMChatProcessor(image_processor=paper_image_processor(32), tokenizer=tokenizer, num_image_tokens=1)
+    question = [{"role": "user", "content": [{"type": "text", "text": "图中是什么？"}]}]
+    answer = {"role": "assistant", "content": [{"type": "text", "text": "It is a panda."}]}
+    prompt = tokenizer(processor.apply_chat_template(question, add_generation_prompt=True))["input_ids"]
+    turn = tokenizer(processor.apply_chat_template([*question, answer]))["input_ids"]
+    assert turn[: len(prompt)] == prompt and tokenizer.decode(turn[len(prompt)]).strip() == "It"
