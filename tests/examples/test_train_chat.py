@@ -117,7 +117,8 @@ def test_loss_covers_every_assistant_turn_and_nothing_else(workspace):
     trainer = SFTTrainer(model=make_chat_model(processor.tokenizer), args=args, train_dataset=dataset, processing_class=processor)
     batch = trainer.data_collator([dataset[0], dataset[1]])
     trained = [processor.tokenizer.decode(ids[labels != -100]) for ids, labels in zip(batch["input_ids"], batch["labels"])]
-    assert trained == ["Shape 0.</s>Blue.</s>", "Shape 1.</s>Red.</s>"]
+    # Each answer with the space after "AI:", which the model generates (the prompt ends at "AI:").
+    assert trained == [" Shape 0.</s> Blue.</s>", " Shape 1.</s> Red.</s>"]
     assert not (batch["labels"] == processor.image_token_id).any()
 
 
