@@ -86,7 +86,15 @@ def set_trainable(model, args: ScriptArguments) -> None:
     model.requires_grad_(False)
     model.model.bridge.requires_grad_(True)
     model.model.vision_tower.requires_grad_(args.tune_vision)
+    if not args.tune_vision:
+        # The trainer calls model.train() every step: a frozen tower with batch norm (EfficientNet, ResNet) would
+        # then normalise with batch statistics and overwrite its pretrained running ones.
+        model.model.vision_tower.register_forward_pre_hook(_keep_in_eval_mode)
     model.model.llm.requires_grad_(args.stage == "sft" and args.tune_llm and not args.lora)
+
+
+def _keep_in_eval_mode(module, _inputs) -> None:
+    module.eval()
 
 
 def add_lora(model, args: ScriptArguments):

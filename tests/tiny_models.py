@@ -19,6 +19,8 @@ VISION_CONFIGS = {
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         image_size=IMAGE_SIZE, patch_size=8, projection_dim=32,
     ),
+    # A convolutional tower with batch norm; its feature map has hidden_sizes[-1] channels (pass vision_feature_dim).
+    "resnet": dict(embedding_size=8, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic"),
 }
 
 TEXT_CONFIGS = {

@@ -89,6 +89,20 @@ def test_sft_trains_bridge_and_llm_and_can_keep_the_tower(workspace, tmp_path):
     assert not any(n.startswith("model.vision_tower.") for n in moved)
 
 
+def test_a_frozen_batch_norm_tower_keeps_its_running_statistics(workspace, tmp_path):
+    tokenizer = build_byte_level_tokenizer()
+    model = make_chat_model(tokenizer, vision_model_type="resnet", vision_feature_dim=32)
+    model.save_pretrained(tmp_path / "model")
+    make_processor(tokenizer).save_pretrained(tmp_path / "model")
+    args = ["--model_name_or_path", str(tmp_path / "model"), "--stage", "pretrain", "--data",
+            str(workspace / "captions.json"), "--image_folder", str(workspace / "images"), "--output_dir",
+            str(tmp_path / "out"), *CPU, "--max_steps", "2", "--learning_rate", "1e-2", "--tune_vision", "false"]  # fmt: skip
+    train_chat.main(args)
+    moved = changed(weights(tmp_path / "model"), weights(tmp_path / "out"))
+    assert any(n.startswith("model.bridge.") for n in moved)
+    assert not any(n.startswith("model.vision_tower.") for n in moved), sorted(moved)
+
+
 def test_lora_output_merges_into_a_loadable_model(workspace, tmp_path):
     run(workspace, tmp_path, "--max_steps", "2", "--learning_rate", "1e-2", "--lora", "--merge_adapters",
         "--tune_vision", "false")  # fmt: skip
