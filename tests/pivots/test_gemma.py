@@ -59,3 +59,15 @@ def test_gemma3_270m_is_a_multilingual_causal_lm(tmp_path):
     prompt = tokenizer(processor.apply_chat_template(question, add_generation_prompt=True))["input_ids"]
     turn = tokenizer(processor.apply_chat_template([*question, answer]))["input_ids"]
     assert turn[: len(prompt)] == prompt and tokenizer.decode(turn[len(prompt)]).strip() == "It"
+
+    # What TRL trains on and what `chat` asks with are tokenized alike: no <bos> added to the rendered template.
+    from PIL import Image
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    image = Image.new("RGB", (32, 32), "red")
+    seen = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "图中是什么？"}]}, answer]
+    trained = DataCollatorForVisionLanguageModeling(processor)([{"messages": seen, "images": [image]}])["input_ids"][0]
+    asked = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "图中是什么？"}]}]
+    prompt = processor.apply_chat_template(asked, add_generation_prompt=True, tokenize=True, return_dict=True)
+    prompt = prompt["input_ids"][0]
+    assert trained.tolist()[: len(prompt)] == list(prompt) and prompt[0] != tokenizer.bos_token_id

@@ -71,6 +71,17 @@ class VisCPMChatProcessor(ProcessorMixin):
             raise ValueError("The text is empty: give a question or a prompt (it may contain '<image>').")
         super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)
 
+    def apply_chat_template(self, conversation, chat_template: str | None = None, **kwargs: Any):
+        """transformers' `apply_chat_template`, tokenizing the rendered prompt with no special tokens added.
+
+        The template writes the whole prompt, and TRL's trainers tokenize it with `add_special_tokens=False`; a
+        tokenizer that adds `<bos>` (gemma, llama) would otherwise meet at inference a prompt it never trained on
+        (measured: gemma-3-270m with a bridge trained by TRL named 63% of the emoji without `<bos>`, 7% with it).
+        """
+        if kwargs.get("tokenize"):
+            kwargs["processor_kwargs"] = {"add_special_tokens": False, **(kwargs.get("processor_kwargs") or {})}
+        return super().apply_chat_template(conversation, chat_template, **kwargs)
+
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
         return self.image_token * self.num_image_tokens
 
