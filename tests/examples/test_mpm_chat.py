@@ -72,3 +72,14 @@ def test_both_stages_the_language_sweep_and_the_exported_adapter(tmp_path):
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
     with pytest.raises(SystemExit):
         demo.main(["--image", str(tmp_path / "red.png"), "--chat_model", str(tmp_path)])
+
+
+def test_bundled_chat_default_names_the_elephant_in_chinese():
+    import demo
+
+    if not (demo.DEFAULT_CHAT / "adapter_config.json").is_file():
+        pytest.skip("no trained chat default in examples/mpm/default/chat")
+    size = sum(f.stat().st_size for f in demo.DEFAULT_CHAT.rglob("*") if f.is_file())
+    assert size < 10e6  # the adapter only: the LLM and the tower come from their packages
+    answers = demo.ask(demo.DEFAULT_CHAT, ROOT / "examples" / "assets" / "elephant.png", ["图中是什么？"])
+    assert "大象" in answers[0]  # the elephant is among the emoji of the Chinese instructions (10% of stage 2)
