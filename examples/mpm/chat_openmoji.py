@@ -173,7 +173,7 @@ def build_initial_model(args, folder: Path, train) -> None:
     config = VisCPMChatConfig(
         vision_config=vision_config,
         text_config=llm.config.to_dict(),
-        vision_feature_dim=1280 if tower is not None else None,
+        vision_feature_dim=tower.config.hidden_dim if tower is not None else None,  # channels of its feature map
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         num_query_tokens=num_tokens,
         bridge_type=args.bridge,

