@@ -56,11 +56,13 @@ def test_gemma3_270m_is_a_multilingual_causal_lm(tmp_path):
     processor = VisCPMChatProcessor(image_processor=paper_image_processor(32), tokenizer=tokenizer, num_image_tokens=1)
     question = [{"role": "user", "content": [{"type": "text", "text": "图中是什么？"}]}]
     answer = {"role": "assistant", "content": [{"type": "text", "text": "It is a panda."}]}
-    prompt = tokenizer(processor.apply_chat_template(question, add_generation_prompt=True))["input_ids"]
-    turn = tokenizer(processor.apply_chat_template([*question, answer]))["input_ids"]
+    prompt = processor.apply_chat_template(question, add_generation_prompt=True)
+    assert prompt.startswith("<bos>User: ")  # gemma was pretrained with <bos> first; the template writes it
+    prompt = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    turn = tokenizer(processor.apply_chat_template([*question, answer]), add_special_tokens=False)["input_ids"]
     assert turn[: len(prompt)] == prompt and tokenizer.decode(turn[len(prompt)]).strip() == "It"
 
-    # What TRL trains on and what `chat` asks with are tokenized alike: no <bos> added to the rendered template.
+    # What TRL trains on and what `chat` asks with are tokenized alike: one <bos>, the template's.
     from PIL import Image
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
@@ -70,4 +72,5 @@ def test_gemma3_270m_is_a_multilingual_causal_lm(tmp_path):
     asked = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "图中是什么？"}]}]
     prompt = processor.apply_chat_template(asked, add_generation_prompt=True, tokenize=True, return_dict=True)
     prompt = prompt["input_ids"][0]
-    assert trained.tolist()[: len(prompt)] == list(prompt) and prompt[0] != tokenizer.bos_token_id
+    assert trained.tolist()[: len(prompt)] == list(prompt)
+    assert prompt[0] == tokenizer.bos_token_id and prompt[1] != tokenizer.bos_token_id

@@ -72,15 +72,23 @@ class VisCPMChatProcessor(ProcessorMixin):
         super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)
 
     def apply_chat_template(self, conversation, chat_template: str | None = None, **kwargs: Any):
-        """transformers' `apply_chat_template`, tokenizing the rendered prompt with no special tokens added.
+        """transformers' `apply_chat_template`, with the tokenizer's `<bos>` written by the template.
 
-        The template writes the whole prompt, and TRL's trainers tokenize it with `add_special_tokens=False`; a
-        tokenizer that adds `<bos>` (gemma, llama) would otherwise meet at inference a prompt it never trained on
-        (measured: gemma-3-270m with a bridge trained by TRL named 63% of the emoji without `<bos>`, 7% with it).
+        A tokenizer that prepends `<bos>` (gemma, llama) saw it in pretraining; the template writes it (`prepend_bos`)
+        so the rendered text is the whole prompt, and it is tokenized with no special tokens added, as TRL's trainers
+        do. Training and `chat()` then see the same ids (measured: gemma-3-270m with a bridge trained without `<bos>`
+        named 63% of the emoji asked without it, 7% asked with it).
         """
+        kwargs.setdefault("prepend_bos", self.tokenizer_prepends_bos)
         if kwargs.get("tokenize"):
             kwargs["processor_kwargs"] = {"add_special_tokens": False, **(kwargs.get("processor_kwargs") or {})}
         return super().apply_chat_template(conversation, chat_template, **kwargs)
+
+    @property
+    def tokenizer_prepends_bos(self) -> bool:
+        """Whether the tokenizer starts every text with its `<bos>` (gemma, llama) or not (SmolLM2, Qwen2)."""
+        bos = self.tokenizer.bos_token_id
+        return bos is not None and self.tokenizer("a")["input_ids"][:1] == [bos]
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
         return self.image_token * self.num_image_tokens
