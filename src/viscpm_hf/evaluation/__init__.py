@@ -8,7 +8,7 @@ from .language import LanguageIdentifier
 from .retrieval import retrieval_accuracy
 
 
-METRICS = ("emoji_answer", "response_language")
+METRICS = ("answer_retrieval", "emoji_answer", "response_language")
 
 
 def metric_path(name: str) -> str:

@@ -15,18 +15,26 @@ def retrieval_accuracy(
 ) -> dict[int, float]:
     """`queries` `(n, d)` (e.g. features of generated images), `candidates` `(m, d)` (e.g. of the true images of all
     test emoji), `targets[i]` the index of query i's true candidate. Ranks by cosine similarity or by (smallest)
-    euclidean distance, e.g. of raw pixels; returns {k: accuracy}."""
+    euclidean distance, e.g. of raw pixels; returns {k: accuracy}.
+
+    `candidates` may also be `(m, v, d)`: v views of each candidate (e.g. its name in every language); a query is as
+    close to a candidate as to its closest view, so an answer in any one language can find it."""
     if metric not in ("cosine", "euclidean"):
         raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}.")
-    if queries.ndim != 2 or candidates.ndim != 2 or queries.shape[1] != candidates.shape[1]:
-        raise ValueError(f"Expected (n, d) and (m, d) features, got {tuple(queries.shape)} and {tuple(candidates.shape)}.")
+    if queries.ndim != 2 or candidates.ndim not in (2, 3) or queries.shape[1] != candidates.shape[-1]:
+        raise ValueError(
+            f"Expected (n, d) queries and (m, d) or (m, views, d) candidates, got {tuple(queries.shape)} and "
+            f"{tuple(candidates.shape)}."
+        )
     targets = torch.as_tensor(targets, device=queries.device)
     if len(targets) != len(queries):
         raise ValueError(f"{len(queries)} queries but {len(targets)} targets.")
+    views = candidates.float().reshape(-1, candidates.shape[-1])
     if metric == "cosine":
-        similarity = torch.nn.functional.normalize(queries.float(), dim=1) @ torch.nn.functional.normalize(candidates.float(), dim=1).T
+        similarity = torch.nn.functional.normalize(queries.float(), dim=1) @ torch.nn.functional.normalize(views, dim=1).T
     else:
-        similarity = -torch.cdist(queries.float(), candidates.float())
+        similarity = -torch.cdist(queries.float(), views)
+    similarity = similarity.reshape(len(queries), candidates.shape[0], -1).amax(dim=2)
     ranking = similarity.argsort(dim=1, descending=True)
     hits = ranking == targets[:, None]
     return {k: hits[:, : min(k, candidates.shape[0])].any(1).float().mean().item() for k in ks}
