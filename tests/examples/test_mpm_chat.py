@@ -45,7 +45,10 @@ def test_both_stages_the_language_sweep_and_the_exported_adapter(tmp_path):
         for scores in result.values():
             assert all(0 <= scores[key] <= 1 for key in ("correct", "recognised", "language"))
             assert len(scores["answers"]) == 2
-    assert "| 50% |" in (out / "results.md").read_text()
+    table = (out / "results.md").read_text()
+    assert "| 50% |" in table and "| English reference answers | 100 / 100 / " in table
+    references = json.loads((out / "results.json").read_text())["references"]["reference answers"]
+    assert references["zh"]["language"] == 1 and references["en"]["correct"] == 1  # the metrics' bounds
     assert (out / "stage1" / "model.safetensors").is_file()
     for folder in ("stage2-0", "stage2-0.5"):
         assert (out / folder / "adapter_model.safetensors").is_file()
@@ -75,12 +78,18 @@ def test_both_stages_the_language_sweep_and_the_exported_adapter(tmp_path):
         demo.main(["--image", str(tmp_path / "red.png"), "--chat_model", str(tmp_path)])
 
 
-def test_bundled_chat_default_names_the_elephant_in_chinese():
+def test_bundled_chat_default_names_the_elephant_and_answers_chinese_in_chinese():
+    import re
+
     import demo
 
     if not (demo.DEFAULT_CHAT / "adapter_config.json").is_file():
         pytest.skip("no trained chat default in examples/mpm/default/chat")
     size = sum(f.stat().st_size for f in demo.DEFAULT_CHAT.rglob("*") if f.is_file())
     assert size < 10e6  # the adapter only: the LLM and the tower come from their packages
-    answers = demo.ask(demo.DEFAULT_CHAT, ROOT / "examples" / "assets" / "elephant.png", ["图中是什么？"])
-    assert "大象" in answers[0]  # the elephant is among the emoji of the Chinese instructions (10% of stage 2)
+    questions = ["What is shown in the image?", "Was ist auf dem Bild zu sehen?", "图中是什么？"]
+    english, german, chinese = demo.ask(demo.DEFAULT_CHAT, ROOT / "examples" / "assets" / "elephant.png", questions)
+    # Recognised from English-only image data, also when asked in German (never trained; it answers in English).
+    assert "elephant" in english.lower() and "elephant" in german.lower()
+    # 1% Chinese instructions in stage 2 calibrate the answer language (naming in Chinese is weaker: see README).
+    assert re.search(r"[\u4e00-\u9fff]", chinese) and not re.search(r"[A-Za-z]", chinese)

