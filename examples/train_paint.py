@@ -91,6 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--random_flip", action="store_true", help="Mirror images horizontally with probability 0.5.")
     add("--caption_dropout", type=float, default=0.1,
         help='Share of captions replaced by "" (trains the unconditional branch of classifier-free guidance).')
+    add("--conditioning_shift", type=float, default=0.0,
+        help="Norm of a random offset added to each caption's LLM states (all tokens alike) while training: another "
+             "language moves a caption's states by an offset too, so the UNet learns not to rely on their exact place.")
     add("--precompute_text_embeddings", action="store_true",
         help="Encode every caption once with the frozen LLM and keep the hidden states on disk (the transblock "
              "still trains on top); an existing cache is reused and only missing captions are encoded.")
@@ -145,6 +148,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit("error: pass exactly one of --train_data_dir (an image folder) and --dataset_name.")
     if args.train_data_dir is not None and not Path(args.train_data_dir).is_dir():
         raise SystemExit(f"error: --train_data_dir {args.train_data_dir} is not a folder.")
+    if args.conditioning_shift < 0:
+        raise SystemExit(f"error: --conditioning_shift is a norm and must be >= 0, got {args.conditioning_shift}.")
     if not 0 <= args.caption_dropout <= 1:
         raise SystemExit(f"error: --caption_dropout must be in [0, 1], got {args.caption_dropout}.")
     for flag in ("resolution", "train_batch_size", "gradient_accumulation_steps", "validation_steps"):
@@ -188,6 +193,7 @@ def training_step(
     lr_scheduler,
     caption_dropout: float,
     max_grad_norm: float,
+    conditioning_shift: float = 0.0,
 ) -> torch.Tensor:
     """One micro-batch: conditioning, noised latents, loss, backward, and the optimizer step when the accumulation
     is complete. Returns this process's loss (detached)."""
@@ -202,6 +208,11 @@ def training_step(
         states = caption_encoder(["" if drop else caption for caption, drop in zip(batch["captions"], dropped)])
     text_states, text_mask = pad_text_states(states, device=accelerator.device)
     text_mask = None if bool(text_mask.all()) else text_mask
+    if conditioning_shift:  # one random offset per caption, of norm about `conditioning_shift`; "" stays exact
+        hidden = text_states.shape[-1]
+        shift = torch.randn(batch_size, 1, hidden, generator=generator) * conditioning_shift / hidden**0.5
+        kept = torch.tensor([not drop for drop in dropped], dtype=shift.dtype)[:, None, None]
+        text_states = text_states + (shift * kept).to(text_states)
 
     # 2. Latents of the frozen VAE, noised at uniformly drawn timesteps.
     with torch.no_grad():
@@ -391,6 +402,7 @@ image = pipe("a red apple", generator=torch.Generator().manual_seed(0)).images[0
 | learning rate | {args.learning_rate} ({args.lr_scheduler}, {args.lr_warmup_steps} warm-up steps) |
 | mixed precision | {args.mixed_precision or "from the accelerate config"} |
 | caption dropout | {args.caption_dropout} |
+| conditioning shift | {args.conditioning_shift} |
 | EMA | {f"decay {args.ema_decay}" if args.use_ema else "no"} |
 | seed | {args.seed} |
 
@@ -585,6 +597,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 denoiser=denoiser, vae=vae, noise_scheduler=noise_scheduler, caption_encoder=caption_encoder,
                 empty_states=empty_states, optimizer=optimizer, lr_scheduler=lr_scheduler,
                 caption_dropout=args.caption_dropout, max_grad_norm=args.max_grad_norm,
+                conditioning_shift=args.conditioning_shift,
             )  # fmt: skip
             micro_step += 1
             micro_losses.append(accelerator.reduce(loss, reduction="mean").item())

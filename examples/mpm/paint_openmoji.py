@@ -58,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--block_out_channels", type=int, nargs="+", default=[32, 64, 128])
     add("--cross_attention_dim", type=int, default=128)
     add("--max_train_steps", type=int, default=3600)
+    add("--conditioning_shift", type=float, default=0.0, help="train_paint.py's random offset of the caption states.")
     add("--train_batch_size", type=int, default=32)
     add("--learning_rate", type=float, default=1e-3)
     add("--ema_decay", type=float, default=0.998)
@@ -144,7 +145,7 @@ def train_pipeline(args, data_dir: Path, init: Path, out: Path) -> float:
         "--learning_rate", str(args.learning_rate), "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "100",
         "--use_ema", "--ema_decay", str(args.ema_decay), "--max_train_steps", str(args.max_train_steps),
         "--checkpointing_steps", "1000", "--checkpoints_total_limit", "1", "--seed", str(args.seed),
-        "--mixed_precision", "no", "--output_dir", str(out),
+        "--mixed_precision", "no", "--output_dir", str(out), "--conditioning_shift", str(args.conditioning_shift),
     ]  # fmt: skip
     start = time.perf_counter()
     subprocess.run(command, check=True, env=env)

@@ -86,9 +86,10 @@ class VisCPMChatProcessor(ProcessorMixin):
 
     @property
     def tokenizer_prepends_bos(self) -> bool:
-        """Whether the tokenizer starts every text with its `<bos>` (gemma, llama) or not (SmolLM2, Qwen2)."""
-        bos = self.tokenizer.bos_token_id
-        return bos is not None and self.tokenizer("a")["input_ids"][:1] == [bos]
+        """Whether the tokenizer's `tokenizers` pipeline starts every text with `<bos>` (gemma, llama) or not (SmolLM2,
+        Qwen2). CPM-Bee's tokenizer has no such pipeline; its prompts have their own structure and template."""
+        backend, bos = getattr(self.tokenizer, "backend_tokenizer", None), self.tokenizer.bos_token_id
+        return backend is not None and bos is not None and backend.encode("a").ids[:1] == [bos]
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
         return self.image_token * self.num_image_tokens
