@@ -179,6 +179,15 @@ def step_generator(seed: int, micro_step: int, process_index: int) -> torch.Gene
     return torch.Generator().manual_seed(int(state))
 
 
+def shift_captions(text_states: torch.Tensor, dropped: list[bool], norm: float, generator: torch.Generator) -> torch.Tensor:
+    """Adds one random offset per caption, the same on every token, of expected norm `norm` (`--conditioning_shift`);
+    dropped captions ("" of classifier-free guidance) stay exact."""
+    hidden = text_states.shape[-1]
+    shift = torch.randn(len(dropped), 1, hidden, generator=generator) * norm / hidden**0.5
+    kept = torch.tensor([not drop for drop in dropped], dtype=shift.dtype)[:, None, None]
+    return text_states + (shift * kept).to(text_states)
+
+
 def training_step(
     batch: dict,
     generator: torch.Generator,
@@ -208,11 +217,8 @@ def training_step(
         states = caption_encoder(["" if drop else caption for caption, drop in zip(batch["captions"], dropped)])
     text_states, text_mask = pad_text_states(states, device=accelerator.device)
     text_mask = None if bool(text_mask.all()) else text_mask
-    if conditioning_shift:  # one random offset per caption, of norm about `conditioning_shift`; "" stays exact
-        hidden = text_states.shape[-1]
-        shift = torch.randn(batch_size, 1, hidden, generator=generator) * conditioning_shift / hidden**0.5
-        kept = torch.tensor([not drop for drop in dropped], dtype=shift.dtype)[:, None, None]
-        text_states = text_states + (shift * kept).to(text_states)
+    if conditioning_shift:
+        text_states = shift_captions(text_states, dropped, conditioning_shift, generator)
 
     # 2. Latents of the frozen VAE, noised at uniformly drawn timesteps.
     with torch.no_grad():

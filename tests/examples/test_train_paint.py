@@ -204,6 +204,18 @@ def test_missing_images_are_skipped_with_a_count_or_fail(workspace, tmp_path, ca
         run(workspace, tmp_path / "out", "--on_missing_image", "error", data=["--train_data_dir", str(folder)])
 
 
+def test_conditioning_shift_moves_each_caption_by_one_offset_and_keeps_dropped_captions():
+    states = torch.randn(64, 5, 256)
+    dropped = [i % 4 == 0 for i in range(64)]
+    shifted = train_paint.shift_captions(states, dropped, 2.0, torch.Generator().manual_seed(0))
+    offset = shifted - states
+    assert torch.allclose(offset, offset[:, :1].expand_as(offset), atol=1e-6)  # the same on every token
+    assert not offset[dropped].any() and offset[[not d for d in dropped]].abs().min() > 0
+    norms = offset[[not d for d in dropped], 0].norm(dim=-1)
+    assert abs(norms.mean().item() - 2.0) < 0.1  # the asked norm, in expectation
+    assert not torch.equal(offset[1], offset[2])  # a different offset per caption
+
+
 def test_bad_inputs_say_what_to_fix(workspace, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -215,6 +227,7 @@ def test_bad_inputs_say_what_to_fix(workspace, tmp_path):
         (None, ["--resume_from_checkpoint", str(empty)], "not a train_paint.py checkpoint"),
         (["--train_data_dir", str(tmp_path / "absent")], [], "is not a folder"),
         (None, ["--caption_dropout", "1.5"], "caption_dropout"),
+        (None, ["--conditioning_shift", "-1"], "conditioning_shift"),
     ]
     for data, extra, message in cases:
         AcceleratorState._reset_state(reset_partial_state=True)
