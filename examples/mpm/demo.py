@@ -12,7 +12,7 @@ and cached under ~/.cache/viscpm_hf/pivots. Runs offline on a CPU in seconds aft
 
 `--image PATH` also asks the Chat model in `examples/mpm/default/chat` about a local image, in Chinese, English and
 German. That model (a 6 MB adapter: bridge and LoRA) was trained by `chat_openmoji.py` on English captions and
-instructions with 10% Chinese, over the frozen ImageNet EfficientNet-Lite0 and gemma-3-270m, both rebuilt from their
+instructions with 1% Chinese, over the frozen ImageNet EfficientNet-Lite0 and gemma-3-270m, both rebuilt from their
 packages on first use (gemma's conversion takes about a minute, once):
 
     python examples/mpm/demo.py --prompt 大象的表情符号 --image examples/assets/elephant.png

