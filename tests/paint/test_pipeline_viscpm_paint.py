@@ -116,6 +116,46 @@ def test_callbacks_see_and_can_replace_latents(pipe):
     assert pipe.num_timesteps == 3
 
 
+def test_guidance_rescale_gives_the_guided_prediction_the_spread_of_the_conditional_one(pipe):
+    """At guidance_rescale=1 each image's guided prediction has the standard deviation of its conditional prediction
+    (what keeps strong guidance from over-saturating); at 0 guidance is plain and the spread grows with the scale."""
+    conditional, guided = [], []
+    pipe.unet.register_forward_hook(lambda module, args, out: conditional.append(out[0].chunk(2)[1]))
+    step = pipe.scheduler.step
+    pipe.scheduler.step = lambda prediction, *args, **kwargs: guided.append(prediction) or step(prediction, *args, **kwargs)
+    spread = lambda x: x.flatten(1).std(dim=1)  # noqa: E731
+    pipe(["a cat", "a dog"], guidance_scale=5.0, guidance_rescale=1.0, output_type="latent", generator=generator(), **STEPS)
+    for text, prediction in zip(conditional, guided):
+        torch.testing.assert_close(spread(prediction), spread(text))
+    conditional.clear(), guided.clear()
+    pipe(["a cat", "a dog"], guidance_scale=5.0, output_type="latent", generator=generator(), **STEPS)
+    assert (spread(guided[0]) > 1.1 * spread(conditional[0])).all()
+
+
+def test_caption_anchors_draw_an_unseen_prompt_as_its_nearest_caption(tmp_path):
+    pipe = tiny_pipeline(sentence_token="only")
+    captions = ["a cat", "a red car", "an old house", "the sun"]
+    before, unconditional, _, _ = pipe.encode_prompt(captions + ["a cat!"], negative_prompt=None)
+    pipe.set_caption_anchors(captions, temperature=1e-3)
+    assert pipe.transblock.config.num_anchors == len(captions) + 1  # and the empty caption
+    after, unconditional_after, _, _ = pipe.encode_prompt(captions + ["a cat!"], negative_prompt=None)
+    torch.testing.assert_close(after[:4], before[:4], atol=1e-4, rtol=0)  # known captions stay themselves
+    torch.testing.assert_close(unconditional_after, unconditional, atol=1e-4, rtol=0)  # so does ""
+    states, mask = pipe._text_states(["a cat!"], None, "cpu")
+    sentence = (states * mask[..., None]).sum(1) / mask.sum()
+    nearest = (sentence - pipe.transblock.anchors[:4]).norm(dim=1).argmin()  # the anchors keep the captions' order
+    torch.testing.assert_close(after[4], before[nearest], atol=1e-4, rtol=0)  # the unseen prompt takes its nearest
+    assert not torch.allclose(before[4], before[nearest], atol=1e-2)
+    images = pipe("a cat!", output_type="np", generator=generator(), **STEPS).images
+    pipe.save_pretrained(tmp_path)
+    loaded = VisCPMPaintPipeline.from_pretrained(tmp_path)
+    np.testing.assert_allclose(loaded("a cat!", output_type="np", generator=generator(), **STEPS).images, images, atol=1e-5)
+    with pytest.raises(ValueError, match="non-empty strings"):
+        pipe.set_caption_anchors(["a cat", ""])
+    with pytest.raises(ValueError, match="sentence_token='only'"):
+        tiny_pipeline().set_caption_anchors(captions)
+
+
 def test_interrupt_stops_denoising(pipe):
     unet_calls = []
     pipe.unet.register_forward_hook(lambda *args: unet_calls.append(1))
@@ -188,6 +228,7 @@ def test_rerank_keeps_the_best_scoring_candidate(pipe):
         ({"prompt": "a", "rerank": 2}, "rerank needs a reranker"),
         ({"prompt": ["a", "b"], "negative_prompt": ["c"]}, "one negative prompt per prompt"),
         ({"prompt": 3}, "string or a list of strings"),
+        ({"prompt": "a", "guidance_rescale": 1.5}, "guidance_rescale"),
     ],
 )
 def test_bad_input_is_refused_with_the_fix(pipe, kwargs, message):

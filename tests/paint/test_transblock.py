@@ -69,3 +69,43 @@ def test_language_directions_remove_what_separates_languages(tmp_path):
     torch.testing.assert_close(loaded.language_directions, directions)
     with pytest.raises(ValueError, match="at most 1 directions"):
         block.set_language_directions(by_language[:2])
+
+
+def test_anchors_move_a_sentence_onto_its_nearest_known_caption(tmp_path):
+    import pytest
+
+    torch.manual_seed(0)
+    anchors = torch.randn(20, 16) * 3
+    block = VisCPMTransBlock(in_features=16, out_features=8, sentence_token="only", num_language_directions=1)
+    block.set_language_directions([torch.randn(30, 16) + 4, torch.randn(30, 16) - 4])
+    free = VisCPMTransBlock.from_config(block.config)
+    free.load_state_dict(block.state_dict())
+    block.set_anchors(anchors, temperature=0.01)
+    # A caption moved a little off an anchor (as a translation moves it) is drawn as that anchor...
+    moved = anchors + 0.3 * torch.randn(20, 16)
+    torch.testing.assert_close(block(moved[:, None]), free(anchors[:, None]), atol=1e-4, rtol=0)
+    assert (free(moved[:, None]) - free(anchors[:, None])).abs().max() > 0.05  # ...which it is not without anchors
+    # ...and half-way between two anchors, as an even mix of the two.
+    middle = block._remove_language_directions((anchors[:1] + anchors[1:2]) / 2)
+    mixed = block(middle[:, None])
+    expected = block.layer_norm(block.projection(block.anchors[:2].mean(0, keepdim=True)))[:, None]
+    torch.testing.assert_close(mixed, expected, atol=1e-4, rtol=0)
+    # The temperature is relative to the anchors' spacing, so a rescaled encoder behaves the same.
+    scaled = VisCPMTransBlock(in_features=16, out_features=8, sentence_token="only")
+    scaled.set_anchors(10 * anchors, temperature=0.01)
+    plain = VisCPMTransBlock(in_features=16, out_features=8, sentence_token="only")
+    plain.set_anchors(anchors, temperature=0.01)
+    assert abs(scaled.config.anchor_temperature / plain.config.anchor_temperature - 100) < 1e-3
+    # Saved and loaded with the weights, the anchors count and the temperature included.
+    block.save_pretrained(tmp_path)
+    loaded = VisCPMTransBlock.from_pretrained(tmp_path)
+    assert loaded.config.num_anchors == 20
+    torch.testing.assert_close(loaded(moved[:, None]), block(moved[:, None]))
+    for make, message in [
+        (lambda: VisCPMTransBlock(in_features=16, out_features=8, num_anchors=3), "sentence_token='only'"),
+        (lambda: VisCPMTransBlock(in_features=16, out_features=8).set_anchors(anchors), "sentence_token='only'"),
+        (lambda: block.set_anchors(anchors[:, :8]), r"\(n >= 2, 16\)"),
+        (lambda: block.set_anchors(anchors, temperature=0), "positive"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            make()

@@ -30,7 +30,7 @@ def sd_scheduler() -> DDPMScheduler:
     )  # fmt: skip
 
 
-def tiny_pipeline(seed: int = 0, text_hidden: int = 32) -> VisCPMPaintPipeline:
+def tiny_pipeline(seed: int = 0, text_hidden: int = 32, sentence_token: str = "none") -> VisCPMPaintPipeline:
     torch.manual_seed(seed)
     tokenizer = build_byte_level_tokenizer(add_bos_token=True)
     text_encoder = BertModel(
@@ -40,7 +40,7 @@ def tiny_pipeline(seed: int = 0, text_hidden: int = 32) -> VisCPMPaintPipeline:
     return VisCPMPaintPipeline(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
-        transblock=VisCPMTransBlock(in_features=text_hidden, out_features=32),
+        transblock=VisCPMTransBlock(in_features=text_hidden, out_features=32, sentence_token=sentence_token),
         unet=tiny_unet(),
         vae=tiny_vae(),
         scheduler=sd_scheduler(),

@@ -15,6 +15,7 @@ import PIL.Image
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.guiders.guider_utils import rescale_noise_cfg
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
@@ -164,23 +165,9 @@ class VisCPMPaintPipeline(DiffusionPipeline):
         device = device or self._execution_device
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = self._negative_prompts(negative_prompt, len(prompts)) if do_classifier_free_guidance else None
-        texts = prompts + (negatives or [])
-        if self.faithful_prompts:
-            inputs, mask = self._cpmbee_inputs(prompts, negatives)
-        else:
-            inputs = self.tokenizer(texts, padding=True, return_tensors="pt")
-            mask = inputs["attention_mask"]
-            if not mask.any(-1).all():
-                raise ValueError(
-                    "The tokenizer gives no token for an empty prompt (the unconditional branch encodes the empty "
-                    "negative prompt): use a tokenizer that adds a BOS/CLS token, or pass a negative_prompt."
-                )
-            inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        inputs = {k: v.to(device) for k, v in inputs.items()}
+        hidden_states, mask = self._text_states(prompts, negatives, device)
         with torch.no_grad():
-            hidden_states = self.text_encoder(**inputs).last_hidden_state
-            mask = mask.to(self.transblock.device)
-            embeds = self.transblock(hidden_states.to(self.transblock.device), mask)
+            embeds = self.transblock(hidden_states, mask)
             mask = self.transblock.conditioning_mask(mask)
         embeds = embeds.repeat_interleave(num_images_per_prompt, dim=0)
         mask = mask.to(device).repeat_interleave(num_images_per_prompt, dim=0)
@@ -188,6 +175,41 @@ class VisCPMPaintPipeline(DiffusionPipeline):
         if negatives is None:
             return embeds, None, mask, None
         return embeds[:count], embeds[count:], mask[:count], mask[count:]
+
+    @torch.no_grad()
+    def _text_states(
+        self, prompts: list[str], negatives: list[str] | None, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text encoder's final hidden states of prompts then negatives, with their mask, on the transblock's
+        device."""
+        if self.faithful_prompts:
+            inputs, mask = self._cpmbee_inputs(prompts, negatives)
+        else:
+            inputs = self.tokenizer(prompts + (negatives or []), padding=True, return_tensors="pt")
+            mask = inputs["attention_mask"]
+            if not mask.any(-1).all():
+                raise ValueError(
+                    "The tokenizer gives no token for an empty prompt (the unconditional branch encodes the empty "
+                    "negative prompt): use a tokenizer that adds a BOS/CLS token, or pass a negative_prompt."
+                )
+            inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        hidden_states = self.text_encoder(**{k: v.to(device) for k, v in inputs.items()}).last_hidden_state
+        return hidden_states.to(self.transblock.device), mask.to(self.transblock.device)
+
+    def set_caption_anchors(self, captions: list[str], temperature: float = 0.03, batch_size: int = 64) -> None:
+        """Anchors the transblock on these captions (e.g. the English training captions) and on the empty one: each
+        prompt's sentence vector is replaced by a mix of the anchors nearest to it (see `VisCPMTransBlock`). Saved
+        with the pipeline; a prompt in another language then draws what its nearest training caption draws."""
+        if not captions or not all(isinstance(c, str) and c for c in captions):
+            raise ValueError("captions must be a non-empty list of non-empty strings (the empty caption is added here).")
+        device = self._execution_device
+        sentences = []
+        for start in range(0, len(captions) + 1, batch_size):
+            chunk = (list(captions) + [""])[start : start + batch_size]
+            hidden_states, mask = self._text_states(chunk, None, device)
+            weights = mask.to(hidden_states.dtype).unsqueeze(-1)
+            sentences.append((hidden_states.float() * weights).sum(1) / weights.sum(1).clamp(min=1))
+        self.transblock.set_anchors(torch.cat(sentences), temperature)
 
     @staticmethod
     def _negative_prompts(negative_prompt, batch_size: int) -> list[str]:
@@ -230,6 +252,7 @@ class VisCPMPaintPipeline(DiffusionPipeline):
         negative_prompt_embeds,
         callback_on_step_end_tensor_inputs,
         rerank: int | None,
+        guidance_rescale: float = 0.0,
     ) -> None:
         if height % self.vae_scale_factor or width % self.vae_scale_factor:
             raise ValueError(
@@ -251,6 +274,8 @@ class VisCPMPaintPipeline(DiffusionPipeline):
                 f"negative_prompt has no effect with guidance_scale={guidance_scale}: classifier-free guidance needs "
                 "guidance_scale > 1 (7.5 by default)."
             )
+        if not 0 <= guidance_rescale <= 1:
+            raise ValueError(f"guidance_rescale mixes in the rescaled prediction: it must be in [0, 1], got {guidance_rescale}.")
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise ValueError("Pass either negative_prompt or negative_prompt_embeds, not both.")
         if prompt_embeds is not None and negative_prompt_embeds is not None:
@@ -344,6 +369,7 @@ class VisCPMPaintPipeline(DiffusionPipeline):
         num_inference_steps: int = 50,
         timesteps: list[int] | None = None,
         guidance_scale: float = 7.5,
+        guidance_rescale: float = 0.0,
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
         eta: float = 0.0,
@@ -367,6 +393,9 @@ class VisCPMPaintPipeline(DiffusionPipeline):
             num_inference_steps (defaults to 50), timesteps: the schedule (DDPM as the paper by default).
             guidance_scale (defaults to 7.5): classifier-free guidance; the unconditional branch encodes
                 `negative_prompt`, or the empty prompt, as the original.
+            guidance_rescale (defaults to 0.0): rescales the guided prediction towards the standard deviation of the
+                conditional one ("Common Diffusion Noise Schedules and Sample Steps are Flawed", section 3.4), which
+                keeps strong guidance from over-saturating v-prediction models; 0 leaves guidance as is.
             num_images_per_prompt, eta, generator, latents: as in Stable Diffusion.
             prompt_embeds, negative_prompt_embeds: precomputed UNet conditioning (transblock outputs), with their
                 optional `prompt_attention_mask` / `negative_prompt_attention_mask`.
@@ -383,7 +412,7 @@ class VisCPMPaintPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         self.check_inputs(
             prompt, height, width, guidance_scale, negative_prompt, prompt_embeds, negative_prompt_embeds,
-            callback_on_step_end_tensor_inputs, rerank,
+            callback_on_step_end_tensor_inputs, rerank, guidance_rescale,
         )  # fmt: skip
         self._guidance_scale = guidance_scale
         self._interrupt = False
@@ -436,6 +465,8 @@ class VisCPMPaintPipeline(DiffusionPipeline):
                 if self.do_classifier_free_guidance:
                     noise_uncond, noise_text = noise_pred.chunk(2)
                     noise_pred = noise_uncond + self.guidance_scale * (noise_text - noise_uncond)
+                    if guidance_rescale > 0:
+                        noise_pred = rescale_noise_cfg(noise_pred, noise_text, guidance_rescale=guidance_rescale)
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
 
                 if callback_on_step_end is not None:

@@ -20,6 +20,12 @@ class VisCPMTransBlock(ModelMixin, ConfigMixin):
     the token states; "only": instead of them). With a sentence encoder as the pivot (e5), that mean is the very
     vector the encoder aligned across languages, so conditioning on it carries over to unseen languages better
     than the language-specific token states do. "none" (the original) keeps the token states only.
+
+    Caption anchors (`set_anchors`, with `sentence_token="only"`) replace the sentence vector by a softmax-weighted
+    mix of the sentence vectors of known captions, nearest first. A prompt in another language lands near, not on,
+    its English caption, where a UNet trained on English conditions blends neighbouring images; the anchors move it
+    onto the conditions the UNet was trained on (the retrieval step of kNN-Diffusion, arXiv 2204.02849), at the
+    price of drawing only mixes of the anchors' captions.
     """
 
     _keep_in_fp32_modules = ["projection", "layer_norm"]
@@ -32,14 +38,20 @@ class VisCPMTransBlock(ModelMixin, ConfigMixin):
         layer_norm_eps: float = 1e-6,
         sentence_token: Literal["none", "prepend", "only"] = "none",
         num_language_directions: int = 0,
+        num_anchors: int = 0,
+        anchor_temperature: float = 1.0,
     ):
         super().__init__()
         if sentence_token not in SENTENCE_TOKEN_MODES:
             raise ValueError(f"sentence_token must be one of {SENTENCE_TOKEN_MODES}, got {sentence_token!r}.")
         self.projection = nn.Linear(in_features, out_features, bias=False)
         self.layer_norm = nn.LayerNorm(out_features, eps=layer_norm_eps)
+        if num_anchors and sentence_token != "only":
+            raise ValueError(f"Caption anchors replace the sentence token: they need sentence_token='only', got {sentence_token!r}.")
         if num_language_directions:
             self.register_buffer("language_directions", torch.zeros(num_language_directions, in_features))
+        if num_anchors:
+            self.register_buffer("anchors", torch.zeros(num_anchors, in_features))
 
     @torch.no_grad()
     def set_language_directions(self, states_by_language: Sequence[torch.Tensor]) -> None:
@@ -55,19 +67,46 @@ class VisCPMTransBlock(ModelMixin, ConfigMixin):
         directions = torch.linalg.svd(means - means.mean(0), full_matrices=False).Vh[:count]
         self.language_directions.copy_(directions.to(self.language_directions))
 
+    @torch.no_grad()
+    def set_anchors(self, sentence_states: torch.Tensor, temperature: float = 0.03) -> None:
+        """Keeps `(n, in_features)` sentence vectors (masked means of the hidden states, e.g. of the English training
+        captions and of the empty caption, so that the unconditional branch stays itself) as anchors. `temperature`
+        is relative to the median squared distance between an anchor and its nearest neighbour: near 0, a prompt
+        takes its nearest anchor; at 1, it mixes its neighbours."""
+        if self.config.sentence_token != "only":
+            raise ValueError("Caption anchors replace the sentence token: build the transblock with sentence_token='only'.")
+        if sentence_states.ndim != 2 or sentence_states.shape[1] != self.config.in_features or len(sentence_states) < 2:
+            raise ValueError(
+                f"Expected (n >= 2, {self.config.in_features}) sentence states, got {tuple(sentence_states.shape)}."
+            )
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}.")
+        anchors = self._remove_language_directions(sentence_states.to(self.projection.weight))
+        distances = torch.cdist(anchors, anchors).fill_diagonal_(float("inf"))
+        scale = distances.min(dim=1).values.pow(2).median().clamp(min=1e-12)
+        self.register_buffer("anchors", anchors)
+        self.register_to_config(num_anchors=len(anchors), anchor_temperature=float(temperature * scale))
+
+    def _remove_language_directions(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not self.config.num_language_directions:
+            return hidden_states
+        directions = self.language_directions.to(hidden_states.dtype)
+        return hidden_states - (hidden_states @ directions.T) @ directions
+
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`attention_mask` `(batch, length)` (1 = token) only matters for the sentence token, which averages the
         real tokens; pair the output with `conditioning_mask(attention_mask)`."""
-        hidden_states = hidden_states.to(self.projection.weight.dtype)
-        if self.config.num_language_directions:
-            directions = self.language_directions.to(hidden_states.dtype)
-            hidden_states = hidden_states - (hidden_states @ directions.T) @ directions
+        hidden_states = self._remove_language_directions(hidden_states.to(self.projection.weight.dtype))
         if self.config.sentence_token != "none":
             if attention_mask is None:
                 sentence = hidden_states.mean(dim=1, keepdim=True)
             else:
                 weights = attention_mask.to(hidden_states.dtype).unsqueeze(-1)
                 sentence = (hidden_states * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp(min=1)
+            if self.config.num_anchors:
+                anchors = self.anchors.to(sentence.dtype)
+                distances = torch.cdist(sentence.squeeze(1), anchors).pow(2)
+                sentence = (torch.softmax(-distances / self.config.anchor_temperature, dim=-1) @ anchors).unsqueeze(1)
             hidden_states = sentence if self.config.sentence_token == "only" else torch.cat([sentence, hidden_states], 1)
         return self.layer_norm(self.projection(hidden_states))
 
