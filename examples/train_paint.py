@@ -94,6 +94,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--conditioning_shift", type=float, default=0.0,
         help="Norm of a random offset added to each caption's LLM states (all tokens alike) while training: another "
              "language moves a caption's states by an offset too, so the UNet learns not to rely on their exact place.")
+    add("--conditioning_offsets", default=None,
+        help="A safetensors file whose tensor 'offsets' (n, LLM hidden size) holds real shifts, e.g. translated "
+             "captions' mean states minus their English caption's: each caption gets one row drawn at random "
+             "instead of an isotropic offset, times --conditioning_offsets_scale.")
+    add("--conditioning_offsets_scale", type=float, default=1.0, help="Multiplier of the drawn --conditioning_offsets.")
     add("--precompute_text_embeddings", action="store_true",
         help="Encode every caption once with the frozen LLM and keep the hidden states on disk (the transblock "
              "still trains on top); an existing cache is reused and only missing captions are encoded.")
@@ -150,6 +155,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: --train_data_dir {args.train_data_dir} is not a folder.")
     if args.conditioning_shift < 0:
         raise SystemExit(f"error: --conditioning_shift is a norm and must be >= 0, got {args.conditioning_shift}.")
+    if args.conditioning_offsets is not None:
+        if args.conditioning_shift:
+            raise SystemExit("error: pass --conditioning_shift (isotropic) or --conditioning_offsets (drawn), not both.")
+        if not Path(args.conditioning_offsets).is_file():
+            raise SystemExit(f"error: --conditioning_offsets {args.conditioning_offsets} is not a file.")
     if not 0 <= args.caption_dropout <= 1:
         raise SystemExit(f"error: --caption_dropout must be in [0, 1], got {args.caption_dropout}.")
     for flag in ("resolution", "train_batch_size", "gradient_accumulation_steps", "validation_steps"):
@@ -179,13 +189,41 @@ def step_generator(seed: int, micro_step: int, process_index: int) -> torch.Gene
     return torch.Generator().manual_seed(int(state))
 
 
-def shift_captions(text_states: torch.Tensor, dropped: list[bool], norm: float, generator: torch.Generator) -> torch.Tensor:
-    """Adds one random offset per caption, the same on every token, of expected norm `norm` (`--conditioning_shift`);
-    dropped captions ("" of classifier-free guidance) stay exact."""
-    hidden = text_states.shape[-1]
-    shift = torch.randn(len(dropped), 1, hidden, generator=generator) * norm / hidden**0.5
-    kept = torch.tensor([not drop for drop in dropped], dtype=shift.dtype)[:, None, None]
-    return text_states + (shift * kept).to(text_states)
+def shift_captions(
+    text_states: torch.Tensor,
+    dropped: list[bool],
+    norm: float,
+    generator: torch.Generator,
+    offsets: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Adds one random offset per caption, the same on every token; dropped captions ("" of classifier-free guidance)
+    stay exact. Without `offsets`, the offset is isotropic with expected norm `norm` (`--conditioning_shift`); with
+    `offsets` `(n, hidden)`, it is a row drawn from them times `norm` (`--conditioning_offsets`)."""
+    count, hidden = len(dropped), text_states.shape[-1]
+    if offsets is None:
+        shift = torch.randn(count, hidden, generator=generator) * norm / hidden**0.5
+    else:
+        shift = offsets[torch.randint(len(offsets), (count,), generator=generator)].float() * norm
+    kept = torch.tensor([not drop for drop in dropped], dtype=shift.dtype)[:, None]
+    return text_states + (shift * kept)[:, None].to(text_states)
+
+
+def load_conditioning_offsets(path: str, hidden_size: int) -> torch.Tensor:
+    """The `offsets` tensor of `--conditioning_offsets`, checked against the LLM's hidden size."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise SystemExit(f"error: --conditioning_offsets {path} is not a readable safetensors file ({error}).")
+    offsets = tensors.get("offsets")
+    if offsets is None or offsets.ndim != 2 or offsets.shape[1] != hidden_size or not len(offsets):
+        found = "no tensor 'offsets'" if offsets is None else f"'offsets' of shape {tuple(offsets.shape)}"
+        raise SystemExit(
+            f"error: --conditioning_offsets {path} has {found}; expected (n >= 1, {hidden_size}), the LLM's hidden size."
+        )
+    return offsets.float()
 
 
 def training_step(
@@ -203,6 +241,7 @@ def training_step(
     caption_dropout: float,
     max_grad_norm: float,
     conditioning_shift: float = 0.0,
+    conditioning_offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One micro-batch: conditioning, noised latents, loss, backward, and the optimizer step when the accumulation
     is complete. Returns this process's loss (detached)."""
@@ -217,7 +256,9 @@ def training_step(
         states = caption_encoder(["" if drop else caption for caption, drop in zip(batch["captions"], dropped)])
     text_states, text_mask = pad_text_states(states, device=accelerator.device)
     text_mask = None if bool(text_mask.all()) else text_mask
-    if conditioning_shift:
+    if conditioning_offsets is not None:
+        text_states = shift_captions(text_states, dropped, conditioning_shift, generator, conditioning_offsets)
+    elif conditioning_shift:
         text_states = shift_captions(text_states, dropped, conditioning_shift, generator)
 
     # 2. Latents of the frozen VAE, noised at uniformly drawn timesteps.
@@ -369,6 +410,9 @@ def write_model_card(args, trained_count: int, examples: int, global_step: int, 
     name = Path(args.output_dir).resolve().name
     local = Path(args.pretrained_model_name_or_path).exists()
     base_model = "" if local else f"\nbase_model: {args.pretrained_model_name_or_path}"  # Hub ids only
+    conditioning_shift = args.conditioning_shift
+    if args.conditioning_offsets is not None:
+        conditioning_shift = f"rows of {Path(args.conditioning_offsets).name} x {args.conditioning_offsets_scale}"
     card = f"""---
 library_name: diffusers
 pipeline_tag: text-to-image
@@ -408,7 +452,7 @@ image = pipe("a red apple", generator=torch.Generator().manual_seed(0)).images[0
 | learning rate | {args.learning_rate} ({args.lr_scheduler}, {args.lr_warmup_steps} warm-up steps) |
 | mixed precision | {args.mixed_precision or "from the accelerate config"} |
 | caption dropout | {args.caption_dropout} |
-| conditioning shift | {args.conditioning_shift} |
+| conditioning shift | {conditioning_shift} |
 | EMA | {f"decay {args.ema_decay}" if args.use_ema else "no"} |
 | seed | {args.seed} |
 
@@ -499,6 +543,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     text_encoder.to(accelerator.device)
     vae.to(accelerator.device)
     caption_encoder = CaptionEncoder(pipeline)
+    conditioning_offsets = None
+    if args.conditioning_offsets is not None:
+        conditioning_offsets = load_conditioning_offsets(args.conditioning_offsets, pipeline.transblock.config.in_features)
 
     # 4. Captions: encoded once into the cache (each process a share of the missing ones), or per step.
     cache = None
@@ -603,7 +650,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 denoiser=denoiser, vae=vae, noise_scheduler=noise_scheduler, caption_encoder=caption_encoder,
                 empty_states=empty_states, optimizer=optimizer, lr_scheduler=lr_scheduler,
                 caption_dropout=args.caption_dropout, max_grad_norm=args.max_grad_norm,
-                conditioning_shift=args.conditioning_shift,
+                conditioning_shift=args.conditioning_offsets_scale if conditioning_offsets is not None else args.conditioning_shift,
+                conditioning_offsets=conditioning_offsets,
             )  # fmt: skip
             micro_step += 1
             micro_losses.append(accelerator.reduce(loss, reduction="mean").item())

@@ -216,6 +216,34 @@ def test_conditioning_shift_moves_each_caption_by_one_offset_and_keeps_dropped_c
     assert not torch.equal(offset[1], offset[2])  # a different offset per caption
 
 
+def test_conditioning_offsets_move_each_caption_by_one_drawn_row_times_the_scale():
+    rows = torch.randn(7, 256)
+    states = torch.randn(64, 5, 256)
+    dropped = [i % 4 == 0 for i in range(64)]
+    shifted = train_paint.shift_captions(states, dropped, 0.5, torch.Generator().manual_seed(0), offsets=rows)
+    offset = (shifted - states)[:, 0]
+    assert torch.allclose(shifted - states, (shifted - states)[:, :1].expand_as(states), atol=1e-6)
+    assert not offset[dropped].any()
+    kept = offset[[not d for d in dropped]]
+    distance = (kept[:, None] - 0.5 * rows).norm(dim=-1)
+    assert distance.min(dim=1).values.max() < 1e-5  # every kept caption moved by exactly one row, halved
+    assert len(set(distance.argmin(dim=1).tolist())) > 1  # rows drawn, not one for all
+
+
+def test_conditioning_offsets_files_are_checked(tmp_path):
+    from safetensors.torch import save_file
+
+    good, wrong, corrupt = tmp_path / "good.safetensors", tmp_path / "wrong.safetensors", tmp_path / "bad.safetensors"
+    save_file({"offsets": torch.ones(3, 32)}, str(good))
+    save_file({"shifts": torch.ones(3, 32)}, str(wrong))
+    corrupt.write_bytes(b"not safetensors")
+    assert train_paint.load_conditioning_offsets(str(good), 32).shape == (3, 32)
+    for path, size, message in [(good, 64, r"\(3, 32\); expected \(n >= 1, 64\)"), (wrong, 32, "no tensor 'offsets'"),
+                                (corrupt, 32, "not a readable safetensors file")]:  # fmt: skip
+        with pytest.raises(SystemExit, match=message):
+            train_paint.load_conditioning_offsets(str(path), size)
+
+
 def test_bad_inputs_say_what_to_fix(workspace, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -228,6 +256,8 @@ def test_bad_inputs_say_what_to_fix(workspace, tmp_path):
         (["--train_data_dir", str(tmp_path / "absent")], [], "is not a folder"),
         (None, ["--caption_dropout", "1.5"], "caption_dropout"),
         (None, ["--conditioning_shift", "-1"], "conditioning_shift"),
+        (None, ["--conditioning_offsets", str(tmp_path / "none.safetensors")], "is not a file"),
+        (None, ["--conditioning_shift", "1", "--conditioning_offsets", __file__], "not both"),
     ]
     for data, extra, message in cases:
         AcceleratorState._reset_state(reset_partial_state=True)
