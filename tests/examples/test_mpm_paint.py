@@ -1,6 +1,7 @@
 """MPM experiment 1 (examples/mpm/paint_openmoji.py) in smoke size, its exported default, and the README demo."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -25,24 +26,30 @@ def test_experiment_runs_end_to_end_and_exports_a_small_default(tmp_path, capsys
     results = paint_openmoji.main([
         "--output_dir", str(out), "--encoders", "e5", "minilm", "--languages", "en", "zh", "de", "--num_emoji", "12",
         "--max_train_steps", "2", "--train_batch_size", "4", "--inference_steps", "2", "--guidance_scales", "1.0", "2.0",
-        "--export_default", str(default),
+        "--translation_offsets", "1.0", "--guidance_rescale", "0.7", "--export_default", str(default),
     ])  # fmt: skip
     assert [r["encoder"] for r in results] == ["e5", "minilm"]
     for result in results:
         assert result["num_emoji"] == 10 and set(result["languages"]) == {"en", "zh", "de"}
         for scores in result["languages"].values():
-            for guidance in ("g1.0", "g2.0"):
+            for guidance in ("g1.0", "g2.0", "anchored"):
                 assert 0 <= scores[guidance]["top1"] <= scores[guidance]["top5"] <= 1 and scores[guidance]["fid"] > 0
         # English captions retrieve themselves: the text-only ceiling is exact in the training language.
         assert result["languages"]["en"]["text_only_top1"] == 1.0
     e5, minilm = (r["languages"]["zh"]["text_only_top5"] for r in results)
     assert e5 > minilm  # the pivot reads Chinese, the control does not
+    from safetensors.torch import load_file
+
+    offsets = load_file(out / "translation_offsets-e5.safetensors")["offsets"]
+    assert offsets.shape == (13 * 200, 384) and offsets.norm(dim=1).min() > 0  # 13 languages x 200 other emoji
     table = (out / "results.md").read_text()
     assert "multilingual-e5-small" in table and "| en | zh | de |" in table and (out / "results.json").is_file()
+    assert "with caption anchors: top-1 / top-5 %" in table
 
     # The export: a few MB, no text encoder, loaded back by the library's own from_pretrained plus the pivot.
     size = sum(f.stat().st_size for f in default.rglob("*") if f.is_file())
     assert size < 20e6 and not (default / "text_encoder").exists()
+    assert json.loads((default / "transblock" / "config.json").read_text())["num_anchors"] == 10 + 1  # and ""
     demo.main(["--model", str(default), "--prompt", "大象", "Elefant", "--num_images", "2", "--output", str(tmp_path / "d.png")])
     from PIL import Image
 
@@ -50,20 +57,21 @@ def test_experiment_runs_end_to_end_and_exports_a_small_default(tmp_path, capsys
     assert "'大象': nearest training emoji" in capsys.readouterr().out
 
 
-def test_bundled_default_draws_the_car_from_a_chinese_prompt():
+def test_bundled_default_draws_the_car_and_the_elephant_from_chinese_prompts():
     import demo
 
     if not (demo.DEFAULT / "model_index.json").is_file():
         pytest.skip("no trained default in examples/mpm/default/paint")
     pipeline = demo.load_default_pipeline()
     pipeline.set_progress_bar_config(disable=True)
+    prompts = {"an emoji of automobile": "🚗", "汽车的表情符号": "🚗", "大象": "🐘"}  # English (trained), Chinese (never)
     images = pipeline(
-        ["汽车的表情符号", "an emoji of automobile"], num_images_per_prompt=4, num_inference_steps=20, guidance_scale=1.0,
+        list(prompts), num_images_per_prompt=4, num_inference_steps=20, guidance_scale=1.0,
         generator=torch.Generator().manual_seed(0), output_type="pt",
     ).images  # fmt: skip
     nearest = [entry["emoji"] for entry in demo.nearest_training_emoji(demo.DEFAULT, images)]
-    assert nearest[4:].count("🚗") >= 3  # English, the training language
-    assert nearest[:4].count("🚗") >= 3  # Chinese, never seen in training
+    for i, (prompt, emoji) in enumerate(prompts.items()):
+        assert nearest[4 * i : 4 * i + 4].count(emoji) >= 3, (prompt, nearest[4 * i : 4 * i + 4])
 
 
 def test_a_folder_without_its_text_encoder_says_what_to_pass(tmp_path):

@@ -72,7 +72,7 @@ class VisCPMTransBlock(ModelMixin, ConfigMixin):
         """Keeps `(n, in_features)` sentence vectors (masked means of the hidden states, e.g. of the English training
         captions and of the empty caption, so that the unconditional branch stays itself) as anchors. `temperature`
         is relative to the median squared distance between an anchor and its nearest neighbour: near 0, a prompt
-        takes its nearest anchor; at 1, it mixes its neighbours."""
+        takes its nearest anchor; towards 1, farther anchors weigh in and prompts blur into their mean."""
         if self.config.sentence_token != "only":
             raise ValueError("Caption anchors replace the sentence token: build the transblock with sentence_token='only'.")
         if sentence_states.ndim != 2 or sentence_states.shape[1] != self.config.in_features or len(sentence_states) < 2:
