@@ -2,8 +2,9 @@
 
 The Paint model in `examples/mpm/default/paint` was trained by `paint_openmoji.py` on *English* captions of 240
 OpenMoji emoji only, conditioned on the frozen multilingual-e5-small (the pivot). Prompted in Chinese, German or
-Japanese it often still draws the right emoji, because the pivot puts "汽车的表情符号" near "an emoji of automobile"
-(about one prompt in six in Chinese, one in three in French or Spanish: see the README's measured table):
+Japanese it often still draws the right emoji, because the pivot puts "汽车的表情符号" nearest to "an emoji of
+automobile" and the pipeline's caption anchors move the prompt onto that training caption (about one prompt in two
+in Chinese, two in three in French or Spanish: see the README's measured table):
 
     python examples/mpm/demo.py --prompt 汽车的表情符号 猪的表情符号 --output mpm_demo.png
 
