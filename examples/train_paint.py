@@ -545,7 +545,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     caption_encoder = CaptionEncoder(pipeline)
     conditioning_offsets = None
     if args.conditioning_offsets is not None:
-        conditioning_offsets = load_conditioning_offsets(args.conditioning_offsets, pipeline.transblock.config.in_features)
+        hidden_size = pipeline.transblock.config.in_features
+        conditioning_offsets = load_conditioning_offsets(args.conditioning_offsets, hidden_size)
+    # The isotropic offset's norm, or the multiplier of the drawn offsets.
+    conditioning_shift = args.conditioning_shift if conditioning_offsets is None else args.conditioning_offsets_scale
 
     # 4. Captions: encoded once into the cache (each process a share of the missing ones), or per step.
     cache = None
@@ -650,8 +653,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 denoiser=denoiser, vae=vae, noise_scheduler=noise_scheduler, caption_encoder=caption_encoder,
                 empty_states=empty_states, optimizer=optimizer, lr_scheduler=lr_scheduler,
                 caption_dropout=args.caption_dropout, max_grad_norm=args.max_grad_norm,
-                conditioning_shift=args.conditioning_offsets_scale if conditioning_offsets is not None else args.conditioning_shift,
-                conditioning_offsets=conditioning_offsets,
+                conditioning_shift=conditioning_shift, conditioning_offsets=conditioning_offsets,
             )  # fmt: skip
             micro_step += 1
             micro_losses.append(accelerator.reduce(loss, reduction="mean").item())

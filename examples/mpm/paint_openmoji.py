@@ -179,7 +179,8 @@ def train_pipeline(args, data_dir: Path, init: Path, out: Path, offsets: Path | 
         "--mixed_precision", "no", "--output_dir", str(out), "--conditioning_shift", str(args.conditioning_shift),
     ]  # fmt: skip
     if offsets is not None:
-        command += ["--conditioning_offsets", str(offsets), "--conditioning_offsets_scale", str(args.translation_offsets)]
+        command += ["--conditioning_offsets", str(offsets),
+                    "--conditioning_offsets_scale", str(args.translation_offsets)]  # fmt: skip
     start = time.perf_counter()
     subprocess.run(command, check=True, env=env)
     seconds = time.perf_counter() - start
@@ -242,7 +243,8 @@ def evaluate(args, encoder: str, pipeline_dir: Path, train, inception: Inception
             generated = generate(anchored, captions, args.guidance_scales[0], args.inference_steps, args.seed,
                                  args.guidance_rescale)  # fmt: skip
             accuracy = retrieval_accuracy(generated.flatten(1), real.flatten(1), targets, metric="euclidean")
-            scores["anchored"] = {"top1": accuracy[1], "top5": accuracy[5], "fid": frechet_distance(inception(generated), real_features)}
+            fid = frechet_distance(inception(generated), real_features)
+            scores["anchored"] = {"top1": accuracy[1], "top5": accuracy[5], "fid": fid}
         result["languages"][lang] = scores
         print(encoder, lang, json.dumps(scores), flush=True)
     saved.write_text(json.dumps(result, indent=2))
@@ -274,7 +276,8 @@ def report(args, results: list[dict], out: Path) -> str:
             ("top-1 / top-5 %", lambda s: f"{100 * s[guidance]['top1']:.1f} / {100 * s[guidance]['top5']:.1f}"),
             ("transfer (top-1 / en)", lambda s: f"{s[guidance]['top1'] / english:.2f}"),
             ("FID", lambda s: f"{s[guidance]['fid']:.1f}"),
-            ("with caption anchors: top-1 / top-5 %", lambda s: f"{100 * s['anchored']['top1']:.1f} / {100 * s['anchored']['top5']:.1f}"),
+            ("with caption anchors: top-1 / top-5 %",
+             lambda s: f"{100 * s['anchored']['top1']:.1f} / {100 * s['anchored']['top5']:.1f}"),
             ("with caption anchors: FID", lambda s: f"{s['anchored']['fid']:.1f}"),
             ("text-only ceiling top-1 / top-5 %", lambda s: f"{100 * s['text_only_top1']:.1f} / {100 * s['text_only_top5']:.1f}"),
         ]:

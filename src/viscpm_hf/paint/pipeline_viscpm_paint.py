@@ -201,7 +201,9 @@ class VisCPMPaintPipeline(DiffusionPipeline):
         prompt's sentence vector is replaced by a mix of the anchors nearest to it (see `VisCPMTransBlock`). Saved
         with the pipeline; a prompt in another language then draws what its nearest training caption draws."""
         if not captions or not all(isinstance(c, str) and c for c in captions):
-            raise ValueError("captions must be a non-empty list of non-empty strings (the empty caption is added here).")
+            raise ValueError(
+                "captions must be a non-empty list of non-empty strings (the empty caption is added here)."
+            )
         device = self._execution_device
         sentences = []
         for start in range(0, len(captions) + 1, batch_size):
@@ -275,7 +277,9 @@ class VisCPMPaintPipeline(DiffusionPipeline):
                 "guidance_scale > 1 (7.5 by default)."
             )
         if not 0 <= guidance_rescale <= 1:
-            raise ValueError(f"guidance_rescale mixes in the rescaled prediction: it must be in [0, 1], got {guidance_rescale}.")
+            raise ValueError(
+                f"guidance_rescale mixes in the rescaled prediction: it must be in [0, 1], got {guidance_rescale}."
+            )
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise ValueError("Pass either negative_prompt or negative_prompt_embeds, not both.")
         if prompt_embeds is not None and negative_prompt_embeds is not None:

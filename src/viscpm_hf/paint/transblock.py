@@ -47,7 +47,9 @@ class VisCPMTransBlock(ModelMixin, ConfigMixin):
         self.projection = nn.Linear(in_features, out_features, bias=False)
         self.layer_norm = nn.LayerNorm(out_features, eps=layer_norm_eps)
         if num_anchors and sentence_token != "only":
-            raise ValueError(f"Caption anchors replace the sentence token: they need sentence_token='only', got {sentence_token!r}.")
+            raise ValueError(
+                f"Caption anchors replace the sentence token: they need sentence_token='only', got {sentence_token!r}."
+            )
         if num_language_directions:
             self.register_buffer("language_directions", torch.zeros(num_language_directions, in_features))
         if num_anchors:
@@ -74,7 +76,9 @@ class VisCPMTransBlock(ModelMixin, ConfigMixin):
         is relative to the median squared distance between an anchor and its nearest neighbour: near 0, a prompt
         takes its nearest anchor; towards 1, farther anchors weigh in and prompts blur into their mean."""
         if self.config.sentence_token != "only":
-            raise ValueError("Caption anchors replace the sentence token: build the transblock with sentence_token='only'.")
+            raise ValueError(
+                "Caption anchors replace the sentence token: build the transblock with sentence_token='only'."
+            )
         if sentence_states.ndim != 2 or sentence_states.shape[1] != self.config.in_features or len(sentence_states) < 2:
             raise ValueError(
                 f"Expected (n >= 2, {self.config.in_features}) sentence states, got {tuple(sentence_states.shape)}."
