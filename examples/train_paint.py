@@ -256,10 +256,8 @@ def training_step(
         states = caption_encoder(["" if drop else caption for caption, drop in zip(batch["captions"], dropped)])
     text_states, text_mask = pad_text_states(states, device=accelerator.device)
     text_mask = None if bool(text_mask.all()) else text_mask
-    if conditioning_offsets is not None:
+    if conditioning_shift:
         text_states = shift_captions(text_states, dropped, conditioning_shift, generator, conditioning_offsets)
-    elif conditioning_shift:
-        text_states = shift_captions(text_states, dropped, conditioning_shift, generator)
 
     # 2. Latents of the frozen VAE, noised at uniformly drawn timesteps.
     with torch.no_grad():

@@ -221,6 +221,11 @@ def evaluate(args, encoder: str, pipeline_dir: Path, train, inception: Inception
     targets = list(range(len(real)))
     text_encoder, tokenizer = pipeline.text_encoder, pipeline.tokenizer
     english_vectors = sentence_embeddings(text_encoder, tokenizer, train["caption_en"])
+
+    def image_scores(generated: torch.Tensor) -> dict:
+        accuracy = retrieval_accuracy(generated.flatten(1), real.flatten(1), targets, metric="euclidean")
+        return {"top1": accuracy[1], "top5": accuracy[5], "fid": frechet_distance(inception(generated), real_features)}
+
     anchored = None
     if args.caption_anchors:
         anchored = VisCPMPaintPipeline(**{**pipeline.components, "transblock": copy.deepcopy(pipeline.transblock)})
@@ -234,17 +239,13 @@ def evaluate(args, encoder: str, pipeline_dir: Path, train, inception: Inception
         scores = {"text_only_top1": ceiling[1], "text_only_top5": ceiling[5]}
         for guidance in args.guidance_scales:
             generated = generate(pipeline, captions, guidance, args.inference_steps, args.seed, args.guidance_rescale)
-            accuracy = retrieval_accuracy(generated.flatten(1), real.flatten(1), targets, metric="euclidean")
-            fid = frechet_distance(inception(generated), real_features)
-            scores[f"g{guidance}"] = {"top1": accuracy[1], "top5": accuracy[5], "fid": fid}
+            scores[f"g{guidance}"] = image_scores(generated)
             if lang in ("en", "zh") and guidance == args.guidance_scales[0]:
                 save_grid(generated[:24], pipeline_dir / f"samples_{lang}.png")
         if anchored is not None:
             generated = generate(anchored, captions, args.guidance_scales[0], args.inference_steps, args.seed,
                                  args.guidance_rescale)  # fmt: skip
-            accuracy = retrieval_accuracy(generated.flatten(1), real.flatten(1), targets, metric="euclidean")
-            fid = frechet_distance(inception(generated), real_features)
-            scores["anchored"] = {"top1": accuracy[1], "top5": accuracy[5], "fid": fid}
+            scores["anchored"] = image_scores(generated)
         result["languages"][lang] = scores
         print(encoder, lang, json.dumps(scores), flush=True)
     saved.write_text(json.dumps(result, indent=2))

@@ -209,8 +209,7 @@ class VisCPMPaintPipeline(DiffusionPipeline):
         for start in range(0, len(captions) + 1, batch_size):
             chunk = (list(captions) + [""])[start : start + batch_size]
             hidden_states, mask = self._text_states(chunk, None, device)
-            weights = mask.to(hidden_states.dtype).unsqueeze(-1)
-            sentences.append((hidden_states.float() * weights).sum(1) / weights.sum(1).clamp(min=1))
+            sentences.append(self.transblock.sentence_vectors(hidden_states.float(), mask))
         self.transblock.set_anchors(torch.cat(sentences), temperature)
 
     @staticmethod

@@ -91,6 +91,15 @@ class VisCPMTransBlock(ModelMixin, ConfigMixin):
         self.register_buffer("anchors", anchors)
         self.register_to_config(num_anchors=len(anchors), anchor_temperature=float(temperature * scale))
 
+    @staticmethod
+    def sentence_vectors(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`(batch, length, features)` -> `(batch, features)`: the mean over the real tokens (1 in `attention_mask`),
+        the sentence vector that the sentence token and the anchors are made of."""
+        if attention_mask is None:
+            return hidden_states.mean(dim=1)
+        weights = attention_mask.to(hidden_states.dtype).unsqueeze(-1)
+        return (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1)
+
     def _remove_language_directions(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if not self.config.num_language_directions:
             return hidden_states
@@ -102,11 +111,7 @@ class VisCPMTransBlock(ModelMixin, ConfigMixin):
         real tokens; pair the output with `conditioning_mask(attention_mask)`."""
         hidden_states = self._remove_language_directions(hidden_states.to(self.projection.weight.dtype))
         if self.config.sentence_token != "none":
-            if attention_mask is None:
-                sentence = hidden_states.mean(dim=1, keepdim=True)
-            else:
-                weights = attention_mask.to(hidden_states.dtype).unsqueeze(-1)
-                sentence = (hidden_states * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp(min=1)
+            sentence = self.sentence_vectors(hidden_states, attention_mask).unsqueeze(1)
             if self.config.num_anchors:
                 anchors = self.anchors.to(sentence.dtype)
                 distances = torch.cdist(sentence.squeeze(1), anchors).pow(2)
