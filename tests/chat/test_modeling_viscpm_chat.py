@@ -212,12 +212,24 @@ def test_sampling_is_reproducible_with_a_seed(chat_model, inputs):
 
 
 def test_streaming_yields_the_greedy_answer(chat_model, processor, inputs):
-    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    kwargs = dict(**inputs, max_new_tokens=6, num_beams=1, streamer=streamer)
-    thread = threading.Thread(target=chat_model.generate, kwargs=kwargs)
+    # Both waits are bounded, and an error in the generate thread is reported instead of a streamer that waits.
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=60)
+    errors = []
+
+    def generate():
+        try:
+            chat_model.generate(**inputs, max_new_tokens=6, num_beams=1, streamer=streamer)
+        except Exception as error:  # re-raised below, in the test's thread
+            errors.append(error)
+            streamer.end()
+
+    thread = threading.Thread(target=generate, daemon=True)
     thread.start()
     streamed = "".join(streamer)
-    thread.join()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "generate did not finish within 60 s"
+    if errors:
+        raise errors[0]
     greedy = chat_model.generate(**inputs, max_new_tokens=6, num_beams=1)
     expected = processor.decode(greedy[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert streamed == expected

@@ -85,11 +85,11 @@ def test_cached_decoding_matches_the_original(parity_model, case):
     cache = DynamicCache(config=parity_model.config)
     columns = steps[f"{case}.step_logits_cols_index"]
     with torch.no_grad():
-        prefill = parity_model(input_ids=prompt_ids, past_key_values=cache, **inputs)
+        prefill = parity_model(input_ids=prompt_ids, cache=cache, **inputs)
         torch.testing.assert_close(prefill.logits[0, -1], steps[f"{case}.prefill_logits_last"][0], atol=ATOL, rtol=RTOL)
         for step, token in enumerate(fed):
             input_id = torch.tensor([[token["input"]]])
-            logits = parity_model(input_ids=input_id, past_key_values=cache, **inputs).logits[0, -1]
+            logits = parity_model(input_ids=input_id, cache=cache, **inputs).logits[0, -1]
             torch.testing.assert_close(logits[columns], steps[f"{case}.step_logits_cols"][step], atol=ATOL, rtol=RTOL)
             torch.testing.assert_close(logits.logsumexp(-1), steps[f"{case}.step_logits_logsumexp"][step], atol=ATOL, rtol=RTOL)
             if step < 2:
@@ -130,9 +130,9 @@ def test_incremental_decoding_equals_full_recomputation():
     generated = [5, 121, 40, 120, 7]  # includes two ext columns fed back (120 = first ext entry)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        logits = [model(**prompt, past_key_values=cache).logits[:, -1]]
+        logits = [model(**prompt, cache=cache).logits[:, -1]]
         for token in generated[:-1]:
-            logits.append(model(**{**prompt, "input_ids": torch.tensor([[token]])}, past_key_values=cache).logits[:, -1])
+            logits.append(model(**{**prompt, "input_ids": torch.tensor([[token]])}, cache=cache).logits[:, -1])
         full_ids = torch.cat([prompt["input_ids"], torch.tensor([generated[:-1]])], dim=1)
         full = model(**{**prompt, "input_ids": full_ids}, use_cache=False).logits
     torch.testing.assert_close(torch.stack(logits, 1), full[:, prompt["input_ids"].shape[1] - 1 :], atol=1e-5, rtol=1e-5)

@@ -179,16 +179,17 @@ def test_cache_round_trip_and_resumable_build(pipe, tmp_path):
 def test_cache_build_shared_by_processes(pipe, tmp_path):
     """Two processes (threads here) split the missing captions; the barrier keeps their lists equal."""
     encoder = CaptionEncoder(pipe)
-    barrier = threading.Barrier(2)
+    barrier = threading.Barrier(2, timeout=60)  # a process that dies breaks the barrier instead of hanging
     counts = {}
 
     def process(index):
         cache = TextEmbeddingCache(tmp_path, encoder.fingerprint())
         counts[index] = cache.build(CAPTIONS, encoder, process_index=index, num_processes=2, barrier=barrier.wait)
 
-    threads = [threading.Thread(target=process, args=(i,)) for i in range(2)]
+    threads = [threading.Thread(target=process, args=(i,), daemon=True) for i in range(2)]
     [t.start() for t in threads]
-    [t.join() for t in threads]
+    [t.join(timeout=120) for t in threads]
+    assert not any(t.is_alive() for t in threads), "the cache build did not finish within 120 s"
     assert counts == {0: 2, 1: 2}
     assert TextEmbeddingCache(tmp_path, encoder.fingerprint()).missing(CAPTIONS) == []
     assert len(list(tmp_path.glob("shard-*.safetensors"))) == 2

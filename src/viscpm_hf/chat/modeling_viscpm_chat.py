@@ -14,10 +14,11 @@ from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, Logit
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.siglip.modeling_siglip import eager_attention_forward
 
+from ..cache_names import CACHE_NAME, cache_kwarg, take_cache
 from .configuration_viscpm_chat import VisCPMChatConfig
 from .conversation import VisCPMChatHistory, chat
 
@@ -35,14 +36,9 @@ class VisCPMChatModelOutputWithPast(BaseModelOutputWithPast):
 
 
 @dataclass
-class VisCPMChatCausalLMOutputWithPast(ModelOutput):
+class VisCPMChatCausalLMOutputWithPast(CausalLMOutputWithPast):
     """Language-model outputs plus the bridge outputs of the images in the prompt (reusable in a later turn)."""
 
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
     image_hidden_states: torch.Tensor | None = None
 
 
@@ -134,7 +130,7 @@ class VisCPMChatPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["VisCPMChatBridge"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -228,7 +224,7 @@ class VisCPMChatModel(VisCPMChatPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
     ) -> tuple[dict[str, torch.Tensor | None], torch.Tensor | None, torch.BoolTensor]:
         """What the LLM receives: `input_ids`, or `inputs_embeds` with the bridge outputs at the image placeholders.
 
@@ -248,8 +244,8 @@ class VisCPMChatModel(VisCPMChatPreTrainedModel):
             if isinstance(image_features, (list, tuple)):
                 image_features = torch.stack(list(image_features))
 
-        self.check_sequence_length((input_ids if input_ids is not None else inputs_embeds).shape[1], past_key_values)
-        decoding = image_features is None and past_key_values is not None and past_key_values.get_seq_length() > 0
+        self.check_sequence_length((input_ids if input_ids is not None else inputs_embeds).shape[1], cache)
+        decoding = image_features is None and cache is not None and cache.get_seq_length() > 0
         if decoding:  # generated tokens: the placeholder is suppressed, and a per-step check would sync the device
             return {"input_ids": input_ids, "inputs_embeds": inputs_embeds}, None, None
         num_features = None if image_features is None else image_features.shape[0] * image_features.shape[1]
@@ -262,10 +258,10 @@ class VisCPMChatModel(VisCPMChatPreTrainedModel):
         inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
         return {"input_ids": None, "inputs_embeds": inputs_embeds}, image_features, image_mask
 
-    def check_sequence_length(self, length: int, past_key_values: Cache | None) -> None:
+    def check_sequence_length(self, length: int, cache: Cache | None) -> None:
         """Refuses a sequence longer than the LLM's position range instead of degrading silently."""
         limit = getattr(self.config.text_config, "max_position_embeddings", None)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_length = cache.get_seq_length() if cache is not None else 0
         if limit is not None and past_length + length > limit:
             raise ValueError(
                 f"The sequence is {past_length + length} tokens long but the language model allows at most {limit} "
@@ -279,24 +275,25 @@ class VisCPMChatModel(VisCPMChatPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         **kwargs,
     ) -> VisCPMChatModelOutputWithPast:
+        cache = take_cache(cache, kwargs)
         llm_inputs, image_features, _ = self.prepare_llm_inputs(
-            input_ids, inputs_embeds, pixel_values, mm_encoder_outputs, past_key_values
+            input_ids, inputs_embeds, pixel_values, mm_encoder_outputs, cache
         )
         outputs = self.llm.base_model(
             **llm_inputs,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            **cache_kwarg(cache),
             **{**kwargs, "return_dict": True},
         )
         return VisCPMChatModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
+            **cache_kwarg(getattr(outputs, CACHE_NAME)),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_features,
@@ -350,7 +347,7 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -358,8 +355,9 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         **kwargs,
     ) -> VisCPMChatCausalLMOutputWithPast:
         """`labels` follow the LLM's convention (shifted inside); image and padding positions never count."""
+        cache = take_cache(cache, kwargs)
         llm_inputs, image_features, image_mask = self.model.prepare_llm_inputs(
-            input_ids, inputs_embeds, pixel_values, mm_encoder_outputs, past_key_values
+            input_ids, inputs_embeds, pixel_values, mm_encoder_outputs, cache
         )
         if labels is not None:
             ignored = image_mask.to(labels.device) if image_mask is not None else torch.zeros_like(labels, dtype=torch.bool)
@@ -370,7 +368,7 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
             **llm_inputs,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            **cache_kwarg(cache),
             labels=labels,
             logits_to_keep=logits_to_keep,
             **{**kwargs, "return_dict": True},
@@ -378,7 +376,7 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         return VisCPMChatCausalLMOutputWithPast(
             loss=outputs.loss,
             logits=outputs.logits,
-            past_key_values=outputs.past_key_values,
+            **cache_kwarg(getattr(outputs, CACHE_NAME)),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_features,

@@ -3,6 +3,8 @@
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
+from ..cache_names import CACHE_NAME
+
 
 @strict
 class CpmBeeConfig(PreTrainedConfig):
@@ -28,7 +30,7 @@ class CpmBeeConfig(PreTrainedConfig):
     """
 
     model_type = "cpmbee"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = [CACHE_NAME]
 
     vocab_size: int = 86583
     hidden_size: int = 4096

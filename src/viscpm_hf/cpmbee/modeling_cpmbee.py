@@ -24,6 +24,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ..cache_names import CACHE_NAME, cache_kwarg, take_cache
 from .configuration_cpmbee import CpmBeeConfig
 from .generation_cpmbee import cpmbee_decoding_processors
 
@@ -212,15 +213,15 @@ class CpmBeeAttention(nn.Module):
         hidden_states: torch.Tensor,
         attention_bias: torch.Tensor,
         visible_rows: torch.Tensor,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, length, _ = hidden_states.shape
         shape = (batch_size, length, self.num_heads, self.head_dim)
         query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
         key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -265,10 +266,10 @@ class CpmBeeDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_bias: torch.Tensor,
         visible_rows: torch.Tensor,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attended, weights = self.self_attn(
-            self.input_layernorm(hidden_states), attention_bias, visible_rows, past_key_values
+            self.input_layernorm(hidden_states), attention_bias, visible_rows, cache
         )
         hidden_states = (hidden_states + attended) / self.residual_scale
         hidden_states = (hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))) / self.residual_scale
@@ -280,7 +281,7 @@ class CpmBeePreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["CpmBeeDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
@@ -340,7 +341,7 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         input_id_subs: torch.Tensor | None = None,
@@ -370,12 +371,13 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        cache = take_cache(cache, kwargs)
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         batch_size, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         device = (input_ids if input_ids is not None else inputs_embeds).device
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_length = cache.get_seq_length() if cache is not None else 0
         total = past_length + length
         if self.config.max_position_embeddings is not None and total > self.config.max_position_embeddings:
             raise ValueError(
@@ -408,7 +410,7 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            hidden_states, weights = layer(hidden_states, attention_bias, visible_rows, past_key_values)
+            hidden_states, weights = layer(hidden_states, attention_bias, visible_rows, cache)
             if output_attentions:
                 all_attentions += (weights,)
         hidden_states = self.norm(hidden_states)
@@ -416,7 +418,7 @@ class CpmBeeModel(CpmBeePreTrainedModel):
             all_hidden_states += (hidden_states,)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
+            **cache_kwarg(cache if use_cache else None),
             hidden_states=all_hidden_states,
             attentions=all_attentions,
         )
@@ -460,7 +462,7 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -484,7 +486,7 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=take_cache(cache, kwargs),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             input_id_subs=input_id_subs,
@@ -514,7 +516,7 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **cache_kwarg(getattr(outputs, CACHE_NAME)),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
