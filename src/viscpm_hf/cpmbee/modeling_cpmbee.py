@@ -40,24 +40,6 @@ class CpmBeeRMSNorm(nn.Module):
         return (hidden_states * torch.rsqrt(variance + self.eps)).to(hidden_states.dtype) * self.weight
 
 
-class CpmBeeLinear(nn.Linear):
-    """Bias-free linear with a built-in 1/sqrt(fan_in), so weights are initialised and stored at unit scale.
-
-    `scale_input=True` divides the input before the matmul (the FFN output projection), otherwise the output is
-    divided after it; the order matters in fp16.
-    """
-
-    def __init__(self, in_features: int, out_features: int, scale_input: bool = False):
-        super().__init__(in_features, out_features, bias=False)
-        self.scale_input = scale_input
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        scale = math.sqrt(self.in_features)
-        if self.scale_input:
-            return F.linear(hidden_states / scale, self.weight)
-        return F.linear(hidden_states, self.weight) / scale
-
-
 class CpmBeeScaledEmbedding(nn.Embedding):
     """Token embeddings enter the model divided by sqrt(hidden); the output head uses the raw table."""
 
@@ -203,10 +185,14 @@ class CpmBeeAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.is_causal = False
         inner = self.num_heads * self.head_dim
-        self.q_proj = CpmBeeLinear(config.hidden_size, inner)
-        self.k_proj = CpmBeeLinear(config.hidden_size, inner)
-        self.v_proj = CpmBeeLinear(config.hidden_size, inner)
-        self.o_proj = CpmBeeLinear(inner, config.hidden_size)
+        # CPM-Bee stores its projections at unit scale and divides by sqrt(fan_in) around them: the division is
+        # written here, outside plain Linears, so tools that swap, wrap or merge Linears (PEFT, quantizers) stay exact.
+        self.input_scale = math.sqrt(config.hidden_size)
+        self.inner_scale = math.sqrt(inner)
+        self.q_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.o_proj = nn.Linear(inner, config.hidden_size, bias=False)
 
     def forward(
         self,
@@ -217,9 +203,9 @@ class CpmBeeAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, length, _ = hidden_states.shape
         shape = (batch_size, length, self.num_heads, self.head_dim)
-        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        query = (self.q_proj(hidden_states) / self.input_scale).view(shape).transpose(1, 2)
+        key = (self.k_proj(hidden_states) / self.input_scale).view(shape).transpose(1, 2)
+        value = (self.v_proj(hidden_states) / self.input_scale).view(shape).transpose(1, 2)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
@@ -236,20 +222,27 @@ class CpmBeeAttention(nn.Module):
         )
         # A query that sees nothing (padding) attends to nothing: zeros, as the original.
         output = torch.where(visible_rows, output, 0.0)
-        return self.o_proj(output.reshape(batch_size, length, -1)), weights
+        return self.o_proj(output.reshape(batch_size, length, -1)) / self.inner_scale, weights
 
 
 class CpmBeeFeedForward(nn.Module):
-    """Gated GELU: down(GELU(gate(x)) * up(x))."""
+    """Gated GELU: down(GELU(gate(x)) * up(x)), each unit-scale projection divided by sqrt(fan_in).
+
+    The output projection divides its input, the others their output: the original's order, which matters in fp16.
+    """
 
     def __init__(self, config: CpmBeeConfig):
         super().__init__()
-        self.gate_proj = CpmBeeLinear(config.hidden_size, config.intermediate_size)
-        self.up_proj = CpmBeeLinear(config.hidden_size, config.intermediate_size)
-        self.down_proj = CpmBeeLinear(config.intermediate_size, config.hidden_size, scale_input=True)
+        self.input_scale = math.sqrt(config.hidden_size)
+        self.inner_scale = math.sqrt(config.intermediate_size)
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+        gate = F.gelu(self.gate_proj(hidden_states) / self.input_scale)
+        up = self.up_proj(hidden_states) / self.input_scale
+        return self.down_proj(gate * up / self.inner_scale)
 
 
 class CpmBeeDecoderLayer(GradientCheckpointingLayer):
@@ -287,8 +280,8 @@ class CpmBeePreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        # Linears divide by sqrt(fan_in) themselves, so weights (and the embedding) are unit-scale.
-        if isinstance(module, (CpmBeeLinear, nn.Embedding)):
+        # The callers divide each Linear by sqrt(fan_in), so weights (and the embedding) are unit-scale.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             init.normal_(module.weight, mean=0.0, std=1.0)
         elif isinstance(module, CpmBeePositionBias):
             init.normal_(module.relative_attention_bias, mean=0.0, std=self.config.initializer_range)
