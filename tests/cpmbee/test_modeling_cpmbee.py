@@ -221,3 +221,49 @@ def test_max_position_embeddings_is_enforced():
     model = tiny_model(max_position_embeddings=8)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model(input_ids=torch.ones(1, 9, dtype=torch.long))
+
+
+# --- output conventions and missing weights -------------------------------------------------------------------
+
+
+def test_return_dict_false_gives_the_outputs_as_a_tuple():
+    model = tiny_model()
+    prompt = structured_prompt()
+    with torch.no_grad():
+        as_object = model(**prompt, use_cache=False)
+        as_tuple = model(**prompt, use_cache=False, return_dict=False)
+        model.config.return_dict = False
+        from_config = model(**prompt, use_cache=False)
+        base = model.model(**prompt, use_cache=False, return_dict=False)
+    assert isinstance(as_tuple, tuple) and isinstance(from_config, tuple) and isinstance(base, tuple)
+    torch.testing.assert_close(as_tuple[0], as_object.logits)
+    torch.testing.assert_close(from_config[0], as_object.logits)
+
+
+def test_config_level_output_flags_are_honoured():
+    model = tiny_model(attn_implementation="eager")
+    prompt = structured_prompt()
+    model.config.output_attentions = True
+    model.config.output_hidden_states = True
+    with torch.no_grad():
+        out = model(**prompt, use_cache=False)
+        off = model(**prompt, use_cache=False, output_attentions=False, output_hidden_states=False)
+    length = prompt["input_ids"].shape[1]
+    assert len(out.attentions) == 2 and out.attentions[0].shape == (1, 4, length, length)
+    assert len(out.hidden_states) == 3  # embeddings + one per layer (the last after the final norm)
+    assert off.attentions is None and off.hidden_states is None
+
+
+def test_a_missing_untied_head_is_initialised_and_reported(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model(tie_word_embeddings=False)
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["lm_head.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded, info = CpmBeeForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert set(info["missing_keys"]) == {"lm_head.weight"}
+    head = loaded.lm_head.weight
+    assert torch.isfinite(head).all() and 0.5 < head.std() < 2.0  # unit scale, as a fresh build
+    torch.testing.assert_close(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)

@@ -23,6 +23,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import can_return_tuple
 
 from ..cache_names import CACHE_NAME, cache_kwarg, take_cache
 from .configuration_cpmbee import CpmBeeConfig
@@ -329,6 +330,7 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         sub = torch.where(is_ext, torch.gather(ext_table_sub.long(), 1, column), 0)
         return base, sub
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -366,6 +368,8 @@ class CpmBeeModel(CpmBeePreTrainedModel):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         cache = take_cache(cache, kwargs)
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         batch_size, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
@@ -450,6 +454,7 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
         extra = self.decoding_logits_processors(generation_config, input_ids_seq_length, kwargs.get("model_kwargs"))
         return LogitsProcessorList([*extra, *processors])
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -474,8 +479,8 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
 
         The structural inputs are described in [`CpmBeeModel.forward`]; they may cover only the prompt.
         """
-        kwargs.pop("return_dict", None)
         outputs = self.model(
+            return_dict=True,
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
