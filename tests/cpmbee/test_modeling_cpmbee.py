@@ -267,3 +267,13 @@ def test_a_missing_untied_head_is_initialised_and_reported(tmp_path):
     head = loaded.lm_head.weight
     assert torch.isfinite(head).all() and 0.5 < head.std() < 2.0  # unit scale, as a fresh build
     torch.testing.assert_close(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_static_cache_generates_the_dynamic_caches_tokens(num_beams):
+    model = tiny_model()
+    prompt = structured_prompt(batch=2)
+    kwargs = dict(max_new_tokens=6, num_beams=num_beams, do_sample=False)
+    dynamic = model.generate(**prompt, **kwargs)
+    static = model.generate(**prompt, cache_implementation="static", **kwargs)
+    assert torch.equal(static, dynamic)

@@ -374,7 +374,7 @@ class CpmBeeModel(CpmBeePreTrainedModel):
             cache = DynamicCache(config=self.config)
         batch_size, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         device = (input_ids if input_ids is not None else inputs_embeds).device
-        past_length = cache.get_seq_length() if cache is not None else 0
+        past_length = int(cache.get_seq_length()) if cache is not None else 0  # a static cache counts in a tensor
         total = past_length + length
         if self.config.max_position_embeddings is not None and total > self.config.max_position_embeddings:
             raise ValueError(
@@ -400,6 +400,9 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         visible = visibility_mask(structure, attention_mask[:, :total], past_length)
         bias = self.position_bias(self.position_bias.buckets(structure, past_length)).to(hidden_states.dtype)
         attention_bias = bias.masked_fill(~visible[:, None], torch.finfo(hidden_states.dtype).min / 2)
+        key_length = cache.get_mask_sizes(length, 0)[0] if cache is not None else total
+        if key_length > total:  # a static cache hands back its whole buffer: the slots not written yet stay hidden
+            attention_bias = F.pad(attention_bias, (0, key_length - total), value=torch.finfo(hidden_states.dtype).min / 2)
         visible_rows = visible.any(-1)[:, :, None, None]
 
         all_hidden_states = () if output_hidden_states else None
@@ -448,6 +451,10 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
         return cpmbee_decoding_processors(
             generation_config, prompt_length, self.config.vocab_size, model_kwargs, model or self
         )
+
+    def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
+        """Keeps the 2D padding mask under a static cache: CPM-Bee builds its attention from the prompt structure."""
+        return attention_mask
 
     def _get_logits_processor(self, generation_config, input_ids_seq_length=None, **kwargs) -> LogitsProcessorList:
         processors = super()._get_logits_processor(generation_config, input_ids_seq_length, **kwargs)
