@@ -277,3 +277,48 @@ def test_static_cache_generates_the_dynamic_caches_tokens(num_beams):
     dynamic = model.generate(**prompt, **kwargs)
     static = model.generate(**prompt, cache_implementation="static", **kwargs)
     assert torch.equal(static, dynamic)
+
+
+# --- padding-free (packed) batches ----------------------------------------------------------------------------
+
+
+def pack(prompts: list[dict]) -> dict:
+    """One row holding every prompt, as a padding-free collator builds it; each keeps its own relation table."""
+    packed = {name: torch.cat([p[name] for p in prompts], dim=1) for name in ("input_ids", "input_id_subs",
+              "context", "segment_ids", "num_segments", "ext_table_ids", "ext_table_sub")}  # fmt: skip
+    offsets, start = [], 0
+    for p in prompts:
+        offsets.append(p["segment_rel_offset"] + start)
+        start += p["segment_rel"].shape[1]
+    packed["segment_rel_offset"] = torch.cat(offsets, dim=1)
+    packed["segment_rel"] = torch.cat([p["segment_rel"] for p in prompts], dim=1)
+    packed["ext_table_ids"], packed["ext_table_sub"] = prompts[0]["ext_table_ids"], prompts[0]["ext_table_sub"]
+    packed["position_ids"] = torch.cat([torch.arange(p["input_ids"].shape[1]) for p in prompts])[None]
+    return packed
+
+
+@pytest.mark.parametrize("form", ["position_ids", "cu_seq_lens"])
+def test_packed_sequences_give_the_unpacked_logits(form):
+    model = tiny_model()
+    torch.manual_seed(1)
+    prompts = [structured_prompt(length=7), structured_prompt(length=10)]
+    packed = pack(prompts)
+    if form == "cu_seq_lens":
+        packed.pop("position_ids")
+        packed["cu_seq_lens_q"] = torch.tensor([0, 7, 17])
+    with torch.no_grad():
+        separate = torch.cat([model(**p, use_cache=False).logits for p in prompts], dim=1)
+        together = model(**packed, use_cache=False).logits
+        plain = model(input_ids=packed["input_ids"], position_ids=pack(prompts)["position_ids"], use_cache=False).logits
+        plain_separate = torch.cat([model(input_ids=p["input_ids"], use_cache=False).logits for p in prompts], dim=1)
+    torch.testing.assert_close(together, separate, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(plain, plain_separate, atol=1e-5, rtol=1e-5)
+
+
+def test_the_length_limit_applies_to_each_packed_sequence():
+    model = tiny_model(max_position_embeddings=10)
+    prompts = [structured_prompt(length=8), structured_prompt(length=9)]
+    with torch.no_grad():
+        assert model(**pack(prompts), use_cache=False).logits.shape[1] == 17
+        with pytest.raises(ValueError, match="11 tokens long"):
+            model(**pack([structured_prompt(length=6), structured_prompt(length=11)]), use_cache=False)

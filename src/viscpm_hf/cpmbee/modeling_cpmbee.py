@@ -158,14 +158,42 @@ class CpmBeePositionBias(nn.Module):
         return F.embedding(buckets, self.relative_attention_bias).permute(0, 3, 1, 2)
 
 
-def visibility_mask(structure: CpmBeeStructure, attention_mask: torch.Tensor, query_start: int) -> torch.Tensor:
+def packed_sequence_ids(
+    position_ids: torch.Tensor | None, cu_seq_lens: torch.Tensor | None, batch_size: int, length: int
+) -> torch.Tensor | None:
+    """Which packed sequence each token is in, `(batch, length)`, or None when every row holds one sequence.
+
+    Padding-free batches (TRL's `padding_free`, `DataCollatorWithFlattening`) mark where each sequence starts by
+    position ids that restart at 0, or by cumulative lengths (`cu_seq_lens_q`, one flattened row).
+    """
+    if cu_seq_lens is not None:
+        if batch_size != 1:
+            raise ValueError(f"cu_seq_lens_q describes one flattened row, but the batch has {batch_size} rows.")
+        positions = torch.arange(length, device=cu_seq_lens.device)
+        return torch.searchsorted(cu_seq_lens[1:].to(positions.dtype), positions, right=True)[None]
+    if position_ids is None or position_ids.shape[-1] != length:
+        return None
+    starts = position_ids.expand(batch_size, -1) == 0
+    if bool((starts.sum(-1) <= 1).all()):  # one sequence per row (left padding puts no 0 before its first token)
+        return None
+    return starts.cumsum(-1)
+
+
+def visibility_mask(
+    structure: CpmBeeStructure,
+    attention_mask: torch.Tensor,
+    query_start: int,
+    sequence_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """`(batch, queries, keys)`: a key is visible if it is context, or if both are answer tokens and it is not later;
-    padding (attention_mask 0) sees and is seen by nothing."""
+    padding (attention_mask 0) sees and is seen by nothing, and packed sequences see only themselves."""
     total = structure.context.shape[1]
     positions = torch.arange(total, device=structure.context.device)
     query = slice(query_start, total)
     causal = positions[None, :] <= positions[query, None]
     visible = structure.context[:, None, :] | (~structure.context[:, query, None] & causal[None])
+    if sequence_ids is not None:
+        visible = visible & (sequence_ids[:, query, None] == sequence_ids[:, None, :])
     valid = attention_mask.bool()
     return visible & valid[:, None, :] & valid[:, query, None]
 
@@ -361,8 +389,9 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         - `ext_table_ids`, `ext_table_sub`: `(batch, num_ext)` base id and sub id of each ext column.
         Missing structural inputs make CPM-Bee a plain causal LM over one segment. They may describe a prefix
         only: later tokens continue its last segment as answer tokens. `inputs_embeds` are
-        `embed_tokens(input_ids)`, before the sub-id rotation (applied here). `position_ids` are accepted for API
-        compatibility and unused: the biases depend on token order only.
+        `embed_tokens(input_ids)`, before the sub-id rotation (applied here). The biases depend on token order only,
+        so `position_ids` (or `cu_seq_lens_q`) matter only in padding-free batches, where they mark where each
+        packed sequence starts: tokens then attend within their own sequence, as if each were a row of its own.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
@@ -376,9 +405,17 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         device = (input_ids if input_ids is not None else inputs_embeds).device
         past_length = int(cache.get_seq_length()) if cache is not None else 0  # a static cache counts in a tensor
         total = past_length + length
-        if self.config.max_position_embeddings is not None and total > self.config.max_position_embeddings:
+        # Packed sequences only in a first pass: a decoding step continues the sequence its cache holds.
+        sequence_ids = None
+        if past_length == 0:
+            sequence_ids = packed_sequence_ids(position_ids, kwargs.get("cu_seq_lens_q"), batch_size, length)
+        longest = total
+        if sequence_ids is not None:  # the limit is per packed sequence (ids made unique across rows first)
+            rows = torch.arange(batch_size, device=device)[:, None] * (length + 1)
+            longest = int(torch.unique(sequence_ids + rows, return_counts=True)[1].max())
+        if self.config.max_position_embeddings is not None and longest > self.config.max_position_embeddings:
             raise ValueError(
-                f"The sequence is {total} tokens long, more than max_position_embeddings "
+                f"The sequence is {longest} tokens long, more than max_position_embeddings "
                 f"({self.config.max_position_embeddings}); shorten the input."
             )
 
@@ -397,7 +434,7 @@ class CpmBeeModel(CpmBeePreTrainedModel):
             attention_mask = torch.ones(batch_size, total, dtype=torch.bool, device=device)
         elif attention_mask.shape[1] < total:  # a mask over the new tokens only: the cache is all real tokens
             attention_mask = F.pad(attention_mask, (total - attention_mask.shape[1], 0), value=1)
-        visible = visibility_mask(structure, attention_mask[:, :total], past_length)
+        visible = visibility_mask(structure, attention_mask[:, :total], past_length, sequence_ids)
         bias = self.position_bias(self.position_bias.buckets(structure, past_length)).to(hidden_states.dtype)
         attention_bias = bias.masked_fill(~visible[:, None], torch.finfo(hidden_states.dtype).min / 2)
         key_length = cache.get_mask_sizes(length, 0)[0] if cache is not None else total
