@@ -3,9 +3,17 @@
 Prints, in one run:
 - decode tokens/s with the KV cache, CpmBeeForCausalLM / LlamaForCausalLM (target ratio >= 0.8);
 - CPM-Bee time per decoded token at sequence lengths 128, 512, 2048 (must grow at most linearly);
+- decode tokens/s with the dynamic cache (eager) and with a static cache and `torch.compile` (`--compile`);
 - peak RSS of `viscpm-convert chat` on a synthetic original-format checkpoint of a few GB, as a ratio to its size.
 
+`--real-config` instead builds the released 10B configuration with random weights in bf16 on the GPU and prints
+batch-1 decode tokens/s (dynamic cache; static cache + compile) beside the bandwidth limit (bytes of weights read per
+token / the measured memory bandwidth), and peak memory in bf16 and 4-bit (bitsandbytes NF4). Without a GPU it runs
+the same code at a small size on the CPU and says so.
+
     python benchmarks/bench_cpmbee.py [--hidden 512] [--layers 8] [--tokens 32] [--convert-gb 2.5] [--skip-convert]
+    python benchmarks/bench_cpmbee.py --compile --skip-convert
+    python benchmarks/bench_cpmbee.py --real-config
 """
 
 import argparse
@@ -28,13 +36,18 @@ VOCAB = 86583
 
 
 @torch.inference_mode()
-def seconds_per_token(model, prompt_length: int, new_tokens: int, repeats: int) -> float:
+def seconds_per_token(model, prompt_length: int, new_tokens: int, repeats: int, **generate_kwargs) -> float:
     """Decoding time per token: generate(n + 1) minus generate(1), so the prefill cancels out."""
-    input_ids = torch.randint(11, 5000, (1, prompt_length))
-    greedy = {"do_sample": False, "num_beams": 1, "pad_token_id": 0, "eos_token_id": None}
+    input_ids = torch.randint(11, 5000, (1, prompt_length), device=model.device)
+    greedy = {"do_sample": False, "num_beams": 1, "pad_token_id": 0, "eos_token_id": None, **generate_kwargs}
 
     def run(n):
-        return lambda: model.generate(input_ids=input_ids, max_new_tokens=n, min_new_tokens=n, **greedy)
+        def generate():
+            model.generate(input_ids=input_ids, max_new_tokens=n, min_new_tokens=n, **greedy)
+            if model.device.type == "cuda":
+                torch.cuda.synchronize()
+
+        return generate
 
     return (median_seconds(run(new_tokens + 1), repeats) - median_seconds(run(1), repeats)) / new_tokens
 
@@ -67,6 +80,86 @@ def decode_comparison(args) -> None:
         base = base or per_token
         print(f"CPM-Bee time per decoded token at {length:5d} tokens: {per_token * 1e3:7.2f} ms "
               f"({per_token / base:.2f}x the 128-token time, sequence {length / 128:.0f}x)")
+
+
+def compiled_decoding(model, tokens: int, repeats: int) -> tuple[float, float]:
+    """Seconds per decoded token: dynamic cache in eager mode, then a static cache with the forward compiled."""
+    eager = seconds_per_token(model, 128, tokens, repeats)
+    model.forward = torch.compile(model.forward)
+    try:
+        compiled = seconds_per_token(model, 128, tokens, repeats, cache_implementation="static")
+    finally:
+        del model.forward  # back to the class's forward
+    return eager, compiled
+
+
+def compile_comparison(args) -> None:
+    torch.manual_seed(0)
+    model = CpmBeeForCausalLM(
+        CpmBeeConfig(
+            vocab_size=VOCAB, hidden_size=args.hidden, num_hidden_layers=args.layers,
+            num_attention_heads=args.hidden // 64, head_dim=64, intermediate_size=3 * args.hidden,
+        )
+    ).eval()  # fmt: skip
+    eager, compiled = compiled_decoding(model, args.tokens, args.repeats)
+    print(f"CPU decode at 128 prompt tokens: dynamic cache eager {1 / eager:7.1f} tok/s   static cache + "
+          f"torch.compile {1 / compiled:7.1f} tok/s   ratio {eager / compiled:.2f}")
+
+
+def memory_bandwidth(device: torch.device) -> float:
+    """Bytes per second of a large on-device copy (read + write), the ceiling of weight-bound decoding."""
+    source = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+
+    def copy():
+        target.copy_(source)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return 2 * source.numel() / median_seconds(copy, 5)
+
+
+def real_scale(args) -> None:
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    config = CpmBeeConfig()  # the released CPM-Bee 10B
+    if cuda:
+        print(f"{torch.cuda.get_device_name()}: the released 10B configuration, random weights, bf16")
+    else:
+        config = CpmBeeConfig(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, head_dim=64,
+                              intermediate_size=1280)  # fmt: skip
+        print("no GPU here: the --real-config code runs at a small size (width 512, 4 layers, the 10B's vocabulary) "
+              "on the CPU; these figures are not the 10B's")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = CpmBeeForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    limit = memory_bandwidth(device) / weight_bytes
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    eager, compiled = compiled_decoding(model, args.tokens, args.repeats)
+    print(f"{model.num_parameters() / 1e9:.2f}B parameters, {weight_bytes / 1e9:.1f} GB of weights read per token")
+    print(f"batch-1 decode: dynamic cache {1 / eager:.1f} tok/s, static cache + compile {1 / compiled:.1f} tok/s, "
+          f"bandwidth limit {limit:.1f} tok/s ({1 / compiled / limit:.0%} of it compiled)")
+    if not cuda:
+        print(f"memory: bf16 weights {model.get_memory_footprint() / 1e9:.2f} GB (peak GPU memory needs a GPU)")
+        return
+    print(f"peak GPU memory, bf16: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    from transformers import BitsAndBytesConfig
+
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        del model
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        quantized = CpmBeeForCausalLM.from_pretrained(
+            folder, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=torch.bfloat16),
+            device_map="cuda",
+        )  # fmt: skip
+        four_bit = seconds_per_token(quantized, 128, args.tokens, args.repeats)
+    print(f"peak GPU memory, 4-bit NF4: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB "
+          f"(decode {1 / four_bit:.1f} tok/s)")
 
 
 def synthetic_checkpoint(path: Path, size_gb: float) -> dict:
@@ -155,9 +248,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--convert-gb", type=float, default=2.5)
     parser.add_argument("--skip-convert", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="Also time a static cache with torch.compile.")
+    parser.add_argument("--real-config", action="store_true", help="The released 10B on the GPU (see above).")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.real_config:
+        real_scale(args)
+        return
     decode_comparison(args)
+    if args.compile:
+        compile_comparison(args)
     if not args.skip_convert:
         conversion_memory(args.convert_gb)
 

@@ -322,3 +322,18 @@ def test_the_length_limit_applies_to_each_packed_sequence():
         assert model(**pack(prompts), use_cache=False).logits.shape[1] == 17
         with pytest.raises(ValueError, match="11 tokens long"):
             model(**pack([structured_prompt(length=6), structured_prompt(length=11)]), use_cache=False)
+
+
+def test_a_compiled_forward_with_a_static_cache_generates_the_eager_tokens():
+    # Dynamo's graph capture (the "eager" backend skips the slow inductor code generation; the benchmark times that).
+    model = tiny_model()
+    prompt = torch.randint(11, 120, (1, 8), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(max_new_tokens=6, num_beams=1, do_sample=False, cache_implementation="static")
+    eager = model.generate(prompt, **kwargs)
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend="eager")
+    try:
+        assert torch.equal(model.generate(prompt, **kwargs), eager)
+    finally:
+        del model.forward
+        torch._dynamo.reset()
