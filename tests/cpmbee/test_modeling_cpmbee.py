@@ -337,3 +337,37 @@ def test_a_compiled_forward_with_a_static_cache_generates_the_eager_tokens():
     finally:
         del model.forward
         torch._dynamo.reset()
+
+
+# --- training contracts ---------------------------------------------------------------------------------------
+
+
+def test_resized_embeddings_keep_the_scaled_embedding_and_the_tied_head():
+    model = tiny_model()
+    ids = torch.randint(0, 120, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    model.resize_token_embeddings(130)
+    assert type(model.model.embed_tokens).__name__ == "CpmBeeScaledEmbedding"  # keeps its 1/sqrt(hidden)
+    assert model.lm_head.weight is model.model.embed_tokens.weight and model.config.vocab_size == 130
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert after.shape[-1] == 130
+    torch.testing.assert_close(after[..., :120], before)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    ids = torch.randint(0, 120, (2, 9), generator=torch.Generator().manual_seed(0))
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_model().train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        loss = model(**structured_prompt(length=9, batch=2), labels=ids, use_cache=False).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss, grads), (loss_checkpointed, grads_checkpointed) = results
+    torch.testing.assert_close(loss_checkpointed, loss)
+    assert all(g is not None for g in grads.values())  # every parameter trains
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_checkpointed[name], grad, msg=name)
