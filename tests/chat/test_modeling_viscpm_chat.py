@@ -379,3 +379,9 @@ def test_cpmbee_llm_with_structured_inputs(tokenizer):
         )
         torch.testing.assert_close(generated[0, 12:], reference[0])
         assert not (generated[0, 12:] == 2).any()
+
+
+def test_prompt_lookup_decoding_gives_the_greedy_tokens(chat_model, inputs):
+    greedy = chat_model.generate(**inputs, max_new_tokens=6, num_beams=1)
+    assisted = chat_model.generate(**inputs, max_new_tokens=6, num_beams=1, prompt_lookup_num_tokens=3)
+    assert torch.equal(assisted, greedy)

@@ -371,3 +371,12 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     assert all(g is not None for g in grads.values())  # every parameter trains
     for name, grad in grads.items():
         torch.testing.assert_close(grads_checkpointed[name], grad, msg=name)
+
+
+@pytest.mark.parametrize("assisted", ["prompt_lookup", "assistant_model"])
+def test_assisted_decoding_gives_the_greedy_tokens(assisted):
+    model = tiny_model()
+    prompt = structured_prompt(length=12)
+    greedy = dict(max_new_tokens=8, do_sample=False, num_beams=1)
+    extra = {"prompt_lookup_num_tokens": 3} if assisted == "prompt_lookup" else {"assistant_model": tiny_model()}
+    assert torch.equal(model.generate(**prompt, **greedy, **extra), model.generate(**prompt, **greedy))
