@@ -19,6 +19,7 @@ the same code at a small size on the CPU and says so.
 import argparse
 import json
 import multiprocessing
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,27 +30,34 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from viscpm_hf import CpmBeeConfig, CpmBeeForCausalLM
-from timing import median_seconds
+from timing import median_seconds, per_round_ratio
 
 
 VOCAB = 86583
 
 
-@torch.inference_mode()
-def seconds_per_token(model, prompt_length: int, new_tokens: int, repeats: int, **generate_kwargs) -> float:
-    """Decoding time per token: generate(n + 1) minus generate(1), so the prefill cancels out."""
+def token_timer(model, prompt_length: int, new_tokens: int, **generate_kwargs):
+    """A function that measures once the seconds per decoded token: generate(n + 1) minus generate(1), so the
+    prefill cancels out."""
     input_ids = torch.randint(11, 5000, (1, prompt_length), device=model.device)
     greedy = {"do_sample": False, "num_beams": 1, "pad_token_id": 0, "eos_token_id": None, **generate_kwargs}
 
-    def run(n):
-        def generate():
-            model.generate(input_ids=input_ids, max_new_tokens=n, min_new_tokens=n, **greedy)
-            if model.device.type == "cuda":
-                torch.cuda.synchronize()
+    @torch.inference_mode()
+    def seconds(n: int) -> float:
+        start = time.perf_counter()
+        model.generate(input_ids=input_ids, max_new_tokens=n, min_new_tokens=n, **greedy)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
 
-        return generate
+    return lambda: (seconds(new_tokens + 1) - seconds(1)) / new_tokens
 
-    return (median_seconds(run(new_tokens + 1), repeats) - median_seconds(run(1), repeats)) / new_tokens
+
+def seconds_per_token(model, prompt_length: int, new_tokens: int, repeats: int, **generate_kwargs) -> float:
+    """Median seconds per decoded token over `repeats` measurements, after a warm-up."""
+    measure = token_timer(model, prompt_length, new_tokens, **generate_kwargs)
+    measure()
+    return statistics.median(measure() for _ in range(repeats))
 
 
 def decode_comparison(args) -> None:
@@ -70,10 +78,11 @@ def decode_comparison(args) -> None:
     ).eval()
     print(f"width {args.hidden}, {args.layers} layers, {heads} heads, vocab {VOCAB}: CPM-Bee "
           f"{cpmbee.num_parameters() / 1e6:.1f}M, Llama {llama.num_parameters() / 1e6:.1f}M parameters")
-    ours = seconds_per_token(cpmbee, 128, args.tokens, args.repeats)
-    theirs = seconds_per_token(llama, 128, args.tokens, args.repeats)
-    print(f"decode at 128 prompt tokens: CPM-Bee {1 / ours:7.1f} tok/s   Llama {1 / theirs:7.1f} tok/s   "
-          f"ratio {theirs / ours:.3f}")
+    llama_s, cpmbee_s, ratio = per_round_ratio(  # Llama's seconds / CPM-Bee's = CPM-Bee's relative throughput
+        token_timer(llama, 128, args.tokens), token_timer(cpmbee, 128, args.tokens), args.repeats
+    )
+    print(f"decode at 128 prompt tokens: CPM-Bee {1 / cpmbee_s:7.1f} tok/s   Llama {1 / llama_s:7.1f} tok/s   "
+          f"throughput ratio CPM-Bee / Llama {ratio:.3f} (median of {args.repeats} alternated rounds)")
     base = None
     for length in (128, 512, 2048):
         per_token = seconds_per_token(cpmbee, length, args.tokens, args.repeats)
@@ -82,15 +91,21 @@ def decode_comparison(args) -> None:
               f"({per_token / base:.2f}x the 128-token time, sequence {length / 128:.0f}x)")
 
 
-def compiled_decoding(model, tokens: int, repeats: int) -> tuple[float, float]:
-    """Seconds per decoded token: dynamic cache in eager mode, then a static cache with the forward compiled."""
-    eager = seconds_per_token(model, 128, tokens, repeats)
-    model.forward = torch.compile(model.forward)
-    try:
-        compiled = seconds_per_token(model, 128, tokens, repeats, cache_implementation="static")
-    finally:
-        del model.forward  # back to the class's forward
-    return eager, compiled
+def compiled_decoding(model, tokens: int, repeats: int) -> tuple[float, float, float]:
+    """Seconds per decoded token with the dynamic cache in eager mode and with a static cache and the forward
+    compiled, alternated in rounds; and the median per-round speed-up of the compiled one."""
+    eager_timer = token_timer(model, 128, tokens)
+    compiled_forward = torch.compile(model.forward)
+    static_timer = token_timer(model, 128, tokens, cache_implementation="static")
+
+    def compiled_timer() -> float:
+        model.forward = compiled_forward
+        try:
+            return static_timer()
+        finally:
+            del model.forward  # back to the class's forward
+
+    return per_round_ratio(eager_timer, compiled_timer, repeats)
 
 
 def compile_comparison(args) -> None:
@@ -101,9 +116,9 @@ def compile_comparison(args) -> None:
             num_attention_heads=args.hidden // 64, head_dim=64, intermediate_size=3 * args.hidden,
         )
     ).eval()  # fmt: skip
-    eager, compiled = compiled_decoding(model, args.tokens, args.repeats)
+    eager, compiled, speedup = compiled_decoding(model, args.tokens, args.repeats)
     print(f"CPU decode at 128 prompt tokens: dynamic cache eager {1 / eager:7.1f} tok/s   static cache + "
-          f"torch.compile {1 / compiled:7.1f} tok/s   ratio {eager / compiled:.2f}")
+          f"torch.compile {1 / compiled:7.1f} tok/s   speed-up {speedup:.2f}x (median of per-round ratios)")
 
 
 def memory_bandwidth(device: torch.device) -> float:
@@ -137,10 +152,10 @@ def real_scale(args) -> None:
     limit = memory_bandwidth(device) / weight_bytes
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    eager, compiled = compiled_decoding(model, args.tokens, args.repeats)
+    eager, compiled, speedup = compiled_decoding(model, args.tokens, args.repeats)
     print(f"{model.num_parameters() / 1e9:.2f}B parameters, {weight_bytes / 1e9:.1f} GB of weights read per token")
-    print(f"batch-1 decode: dynamic cache {1 / eager:.1f} tok/s, static cache + compile {1 / compiled:.1f} tok/s, "
-          f"bandwidth limit {limit:.1f} tok/s ({1 / compiled / limit:.0%} of it compiled)")
+    print(f"batch-1 decode: dynamic cache {1 / eager:.1f} tok/s, static cache + compile {1 / compiled:.1f} tok/s "
+          f"({speedup:.2f}x), bandwidth limit {limit:.1f} tok/s ({1 / compiled / limit:.0%} of it compiled)")
     if not cuda:
         print(f"memory: bf16 weights {model.get_memory_footprint() / 1e9:.2f} GB (peak GPU memory needs a GPU)")
         return
