@@ -312,3 +312,20 @@ def test_beam_search_matches_the_original(model, processor, name, setting):
     )
     assert processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True) == case["answer"]
     assert not model._forward_hooks  # the raw-logit hook of beam search is gone once generate returns
+
+
+@pytest.mark.parametrize("decoding", [{"num_beams": 1}, {}])  # greedy, and the converted folder's own defaults
+def test_image_text_to_text_pipeline_answers_as_generate(model, processor, decoding):
+    from transformers import pipeline
+
+    image = str(PARITY_DIR / "vision_image0.png")
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is it?"}]}]
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    generated = model.generate(**inputs, max_new_tokens=6, **decoding)
+    expected = processor.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    answer = pipeline("image-text-to-text", model=model, processor=processor)(
+        text=messages, generate_kwargs={"max_new_tokens": 6, **decoding}, return_full_text=False
+    )
+    assert expected and answer[0]["generated_text"] == expected
