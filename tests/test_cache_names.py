@@ -4,19 +4,10 @@ import pytest
 import torch
 import transformers
 from packaging.version import Version
-from tiny_models import random_image
+from tiny_models import make_cpmbee, random_image
 from transformers import DynamicCache
 
-from viscpm_hf import CpmBeeConfig, CpmBeeForCausalLM
 from viscpm_hf.cache_names import CACHE_NAME, take_cache
-
-
-def tiny_cpmbee():
-    torch.manual_seed(0)
-    config = CpmBeeConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, head_dim=8, intermediate_size=64
-    )
-    return CpmBeeForCausalLM(config).eval()
 
 
 def test_the_name_is_the_installed_releases():
@@ -35,7 +26,7 @@ def test_take_cache_accepts_either_name_once():
 
 @pytest.mark.parametrize("name", ["cache", "past_key_values"])
 def test_cpmbee_continues_a_cache_passed_under_either_name(name):
-    model = tiny_cpmbee()
+    model = make_cpmbee()
     prompt, step = torch.tensor([[5, 9, 11, 3]]), torch.tensor([[7]])
     with torch.no_grad():
         first = model(input_ids=prompt, **{name: DynamicCache(config=model.config)})
@@ -66,7 +57,7 @@ def test_chat_model_continues_a_cache_passed_under_either_name(chat_model, proce
 
 
 def test_generate_hands_back_the_cache_under_the_installed_name():
-    model = tiny_cpmbee()
+    model = make_cpmbee()
     out = model.generate(
         torch.tensor([[5, 9, 11, 3]]), max_new_tokens=3, num_beams=1, do_sample=False, return_dict_in_generate=True
     )

@@ -4,7 +4,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from viscpm_hf import VisCPMChatConfig, VisCPMChatForConditionalGeneration, VisCPMChatProcessor, paper_image_processor
+from viscpm_hf import (
+    CpmBeeConfig,
+    CpmBeeForCausalLM,
+    VisCPMChatConfig,
+    VisCPMChatForConditionalGeneration,
+    VisCPMChatProcessor,
+    paper_image_processor,
+)
 
 
 NUM_QUERY_TOKENS = 4
@@ -55,6 +62,16 @@ def make_chat_config(tokenizer, text_model_type="qwen2", vision_model_type="sigl
 def make_chat_model(tokenizer, seed=0, **config_kwargs):
     torch.manual_seed(seed)
     return VisCPMChatForConditionalGeneration(make_chat_config(tokenizer, **config_kwargs)).eval()
+
+
+def make_cpmbee(hidden_size=32, intermediate_size=64, vocab_size=120, seed=0, **overrides):
+    """A 2-layer CPM-Bee with 4 heads, in eval mode."""
+    torch.manual_seed(seed)
+    config = CpmBeeConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=4,
+        head_dim=hidden_size // 4, intermediate_size=intermediate_size, **overrides,
+    )  # fmt: skip
+    return CpmBeeForCausalLM(config).eval()
 
 
 def random_image(seed=0, size=(40, 48), mode="RGB"):

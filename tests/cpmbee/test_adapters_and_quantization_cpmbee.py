@@ -7,30 +7,13 @@ a LoRA branch, a merged LoRA and a quantized Linear all sit inside the same scal
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from tiny_models import make_cpmbee
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from viscpm_hf import CpmBeeConfig, CpmBeeForCausalLM, VisCPMChatConfig, VisCPMChatForConditionalGeneration
+from viscpm_hf import VisCPMChatConfig, VisCPMChatForConditionalGeneration
 
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def tiny_cpmbee(hidden_size=32, intermediate_size=64, vocab_size=120):
-    torch.manual_seed(0)
-    config = CpmBeeConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=4,
-        head_dim=hidden_size // 4, intermediate_size=intermediate_size,
-    )  # fmt: skip
-    return CpmBeeForCausalLM(config).eval()
-
-
-def tiny_llama(hidden_size=32, intermediate_size=64, vocab_size=120):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=intermediate_size,
-    )  # fmt: skip
-    return LlamaForCausalLM(config).eval()
 
 
 def lora(model, **kwargs):
@@ -41,7 +24,7 @@ def lora(model, **kwargs):
 
 @torch.no_grad()
 def test_lora_changes_the_model_and_merging_keeps_its_output(tmp_path):
-    model = tiny_cpmbee()
+    model = make_cpmbee()
     ids = torch.randint(0, 120, (2, 10))
     base = model(input_ids=ids).logits
     adapted = lora(model)
@@ -49,7 +32,7 @@ def test_lora_changes_the_model_and_merging_keeps_its_output(tmp_path):
     assert (unmerged - base).abs().max() > 0.1  # the adapter does something
 
     adapted.save_pretrained(tmp_path / "adapter")
-    reloaded = PeftModel.from_pretrained(tiny_cpmbee(), tmp_path / "adapter").eval()
+    reloaded = PeftModel.from_pretrained(make_cpmbee(), tmp_path / "adapter").eval()
     torch.testing.assert_close(reloaded(input_ids=ids).logits, unmerged, atol=1e-5, rtol=1e-5)
 
     merged = adapted.merge_and_unload()
@@ -59,7 +42,7 @@ def test_lora_changes_the_model_and_merging_keeps_its_output(tmp_path):
 
 @torch.no_grad()
 def test_lora_merges_exactly_in_a_chat_model_with_a_cpmbee_llm():
-    llm = tiny_cpmbee().config
+    llm = make_cpmbee().config
     config = VisCPMChatConfig(
         vision_config=dict(
             model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -118,7 +101,7 @@ def test_quantized_cpmbee_is_as_close_to_fp32_as_a_llama_control(tmp_path, schem
     pytest.importorskip({"bnb": "bitsandbytes", "quanto": "optimum.quanto", "torchao": "torchao"}[scheme.split("-")[0]])
     ids = torch.randint(0, 120, (2, 16), generator=torch.Generator().manual_seed(0))
     errors = {}
-    for name, model in (("cpmbee", tiny_cpmbee(hidden_size=64, intermediate_size=64)), ("llama", scaled_llama())):
+    for name, model in (("cpmbee", make_cpmbee(hidden_size=64, intermediate_size=64)), ("llama", scaled_llama())):
         model.save_pretrained(tmp_path / name)
         reference = model(input_ids=ids).logits
         quantized = AutoModelForCausalLM.from_pretrained(

@@ -1,6 +1,7 @@
 import pytest
 import torch
 from parity import json_file, tensors
+from tiny_models import make_cpmbee as tiny_model
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
 
 from viscpm_hf import CpmBeeConfig, CpmBeeForCausalLM, CpmBeeModel
@@ -97,15 +98,6 @@ def test_cached_decoding_matches_the_original(parity_model, case):
 
 
 # --- behaviour on a tiny random model ---------------------------------------------------------------------
-
-
-def tiny_model(**overrides):
-    torch.manual_seed(0)
-    config = CpmBeeConfig(
-        vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, head_dim=8, intermediate_size=64,
-        **overrides,
-    )
-    return CpmBeeForCausalLM(config).eval()
 
 
 def structured_prompt(length=12, batch=1):

@@ -436,10 +436,11 @@ class CpmBeeModel(CpmBeePreTrainedModel):
             attention_mask = F.pad(attention_mask, (total - attention_mask.shape[1], 0), value=1)
         visible = visibility_mask(structure, attention_mask[:, :total], past_length, sequence_ids)
         bias = self.position_bias(self.position_bias.buckets(structure, past_length)).to(hidden_states.dtype)
-        attention_bias = bias.masked_fill(~visible[:, None], torch.finfo(hidden_states.dtype).min / 2)
+        hidden = torch.finfo(hidden_states.dtype).min / 2
+        attention_bias = bias.masked_fill(~visible[:, None], hidden)
         key_length = cache.get_mask_sizes(length, 0)[0] if cache is not None else total
         if key_length > total:  # a static cache hands back its whole buffer: the slots not written yet stay hidden
-            attention_bias = F.pad(attention_bias, (0, key_length - total), value=torch.finfo(hidden_states.dtype).min / 2)
+            attention_bias = F.pad(attention_bias, (0, key_length - total), value=hidden)
         visible_rows = visible.any(-1)[:, :, None, None]
 
         all_hidden_states = () if output_hidden_states else None
@@ -528,7 +529,7 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=take_cache(cache, kwargs),
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             input_id_subs=input_id_subs,
