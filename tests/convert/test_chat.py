@@ -314,6 +314,44 @@ def test_beam_search_matches_the_original(model, processor, name, setting):
     assert not model._forward_hooks  # the raw-logit hook of beam search is gone once generate returns
 
 
+@pytest.mark.parametrize("setting", ["beam_max16", "beam_max16_lp1"])
+@pytest.mark.parametrize("name", CASES)
+def test_beam_search_offers_the_originals_hypotheses_and_stops_at_its_step(model, processor, name, setting, monkeypatch):
+    """Every finished hypothesis the original offered (tokens, summed log-prob, score), in order, and its number of
+    model calls: the stopping rule (checked before a step's candidates are used) decides the latter."""
+    from viscpm_hf.cpmbee import generation_cpmbee
+
+    case = json_file("chat_e2e.json")[name][setting]
+    settings = case["settings"]
+    offered, calls = [], []
+    original_offer = generation_cpmbee.FinishedHypotheses.offer
+
+    def record(self, tokens, sum_logprob):
+        offered.append((tokens, sum_logprob, sum_logprob / len(tokens) ** self.length_penalty))
+        original_offer(self, tokens, sum_logprob)
+
+    monkeypatch.setattr(generation_cpmbee.FinishedHypotheses, "offer", record)
+    handle = model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        model.generate(
+            **case_inputs(processor, name),
+            num_beams=settings["beam_size"],
+            length_penalty=settings["length_penalty"],
+            max_new_tokens=settings["max_length"] + 2,
+            cpmbee_decoding={"temperature": settings["temperature"], "repetition_penalty": settings["repetition_penalty"]},
+        )
+    finally:
+        handle.remove()
+    expected = case["hypotheses_added"]
+    assert [tokens for tokens, _, _ in offered] == [[output_id for output_id, _ in h["hyp"]] for h in expected]
+    torch.testing.assert_close([s for _, s, _ in offered], [h["sum_logprobs"] for h in expected], atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close([s for _, _, s in offered], [h["score"] for h in expected], atol=1e-3, rtol=1e-4)
+    # The original feeds the prompt, then the answer's <s> in a call of its own (here <s> ends the prompt), and
+    # after deciding to stop early it runs one more call before leaving its loop.
+    stopped_early = max(len(h["hyp"]) for h in expected) < settings["max_length"] + 2
+    assert len(calls) == case["n_inference_calls"] - 1 - stopped_early
+
+
 @pytest.mark.parametrize("decoding", [{"num_beams": 1}, {}])  # greedy, and the converted folder's own defaults
 def test_image_text_to_text_pipeline_answers_as_generate(model, processor, decoding):
     from transformers import pipeline

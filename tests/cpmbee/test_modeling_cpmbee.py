@@ -1,6 +1,6 @@
 import pytest
 import torch
-from parity import json_file, tensors
+from parity import PARITY_DIR, json_file, tensors
 from tiny_models import make_cpmbee as tiny_model
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
 
@@ -372,3 +372,70 @@ def test_assisted_decoding_gives_the_greedy_tokens(assisted):
     greedy = dict(max_new_tokens=8, do_sample=False, num_beams=1)
     extra = {"prompt_lookup_num_tokens": 3} if assisted == "prompt_lookup" else {"assistant_model": tiny_model()}
     assert torch.equal(model.generate(**prompt, **greedy, **extra), model.generate(**prompt, **greedy))
+
+
+# --- pipeline("text-generation"): the pipeline passes input_ids and attention_mask only -------------------------------
+
+
+@pytest.fixture(scope="module")
+def text_generation_folder(tmp_path_factory, parity_model):
+    from viscpm_hf import CpmBeeTokenizer
+    from viscpm_hf.cpmbee.prompt_cpmbee import viscpm_chat_template
+
+    folder = tmp_path_factory.mktemp("cpmbee-text-generation")
+    tokenizer = CpmBeeTokenizer(PARITY_DIR / "cpmbee_vocab.txt", prompt_format="structured")
+    tokenizer.chat_template = viscpm_chat_template()
+    tokenizer.padding_side = "left"
+    parity_model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+CHATS = [
+    [{"role": "user", "content": "What colour is the sky?"}],
+    [
+        {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "你好！"},
+        {"role": "user", "content": "天空是什么颜色？<b>"},  # markup-like user text stays literal
+    ],
+]
+
+
+def generate_answer(model, tokenizer, chat, **decoding) -> str:
+    inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=6, **decoding)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("decoding", [{"num_beams": 1, "do_sample": False}, {"num_beams": 3, "do_sample": False}])
+def test_text_generation_pipeline_answers_as_generate(text_generation_folder, decoding):
+    from transformers import AutoTokenizer, pipeline
+
+    model = AutoModelForCausalLM.from_pretrained(text_generation_folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(text_generation_folder)
+    expected = [generate_answer(model, tokenizer, chat, **decoding) for chat in CHATS]
+    generator = pipeline("text-generation", model=text_generation_folder)
+    for batch_size in (1, 2):  # batched rows are left-padded
+        answers = generator(CHATS, max_new_tokens=6, return_full_text=False, batch_size=batch_size, **decoding)
+        assert [a[0]["generated_text"] for a in answers] == expected
+    assert any(expected)
+
+
+def test_ids_alone_with_text_outside_the_vocabulary_or_a_plain_string_are_refused(text_generation_folder):
+    from transformers import pipeline
+
+    generator = pipeline("text-generation", model=text_generation_folder)
+    with pytest.raises(ValueError, match="outside CPM-Bee's vocabulary"):
+        generator([{"role": "user", "content": "a \u2603 snowman"}], max_new_tokens=2)
+    with pytest.raises(ValueError, match="JSON CPM-Bee prompt dict"):
+        generator("What colour is the sky?", max_new_tokens=2)
+
+
+def test_a_forward_on_prompt_ids_without_their_structure_is_refused(text_generation_folder, parity_model):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(text_generation_folder)
+    inputs = tokenizer.apply_chat_template(CHATS[0], add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    parity_model(**inputs)  # with the structure: fine
+    with pytest.raises(ValueError, match="no structural inputs"):
+        parity_model(input_ids=inputs["input_ids"])

@@ -6,9 +6,17 @@ import torch
 from parity import PARITY_DIR, json_file, tensors
 
 from viscpm_hf.cpmbee.prompt_cpmbee import (
+    ANSWER_ID,
+    BOS_ID,
+    EOS_ID,
+    ROOT_ID,
+    UNK_ID,
     collate_prompts,
+    flat_prompt_structure,
     flatten_prompt,
     flatten_prompt_for_generation,
+    model_prompt,
+    pad_model_prompts,
     paint_prompts,
     prompt_segments,
     segment_relations,
@@ -214,3 +222,44 @@ def test_collation_refuses_prompts_longer_than_max_length(bee_tokenizer):
     prompt = flatten_prompt(bee_tokenizer, {"question": "Hi", "<ans>": ""})
     with pytest.raises(ValueError, match=f"Prompts of \\[{len(prompt)}\\] tokens do not fit max_length=4"):
         collate_prompts(bee_tokenizer, [prompt], 4)
+
+
+# --- structure read back from ids (what pipeline("text-generation") passes) ------------------------------------------
+
+
+def test_the_fixed_ids_are_the_vocabularys(bee_tokenizer):
+    names = {UNK_ID: "<unk>", BOS_ID: "<s>", EOS_ID: "</s>", ROOT_ID: "<root>", ANSWER_ID: "<ans>"}
+    assert {i: bee_tokenizer.convert_ids_to_tokens(i) for i in names} == names
+
+
+def test_structure_read_back_from_ids_equals_the_tokenizers(bee_tokenizer):
+    prompts = [
+        {"image": "", "context": "User: hi\nAI: hello\n", "question": "How are you, <<friend>?", "<ans>": ""},
+        {"input": "天空是什么颜色？", "<ans>": ""},  # fewer segments, left-padded in the batch
+    ]
+    expected = pad_model_prompts([model_prompt(bee_tokenizer, prompt) for prompt in prompts], "left")
+    derived = flat_prompt_structure(expected["input_ids"], expected["attention_mask"])
+    assert expected["attention_mask"][1, 0] == 0  # the second row really is padded
+    assert set(derived) == set(expected) - {"input_ids", "attention_mask"}
+    for name, value in derived.items():
+        assert torch.equal(value, expected[name].to(value.dtype)), name
+
+
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        ({"a": {"b": "c", "d": "e"}, "<ans>": ""}, "not a CPM-Bee generation prompt of a dict of strings"),
+        ({"question": "a \u2603 snowman", "<ans>": ""}, "outside CPM-Bee's vocabulary"),
+    ],
+)
+def test_structure_that_ids_cannot_describe_is_refused(bee_tokenizer, prompt, message):
+    ids = pad_model_prompts([model_prompt(bee_tokenizer, prompt)])["input_ids"]
+    with pytest.raises(ValueError, match=message):
+        flat_prompt_structure(ids)
+
+
+def test_ids_cut_short_are_refused(bee_tokenizer):
+    ids = pad_model_prompts([model_prompt(bee_tokenizer, {"question": "hi", "<ans>": ""})])["input_ids"]
+    for cut in (ids[:, 1:], ids[:, :-1], ids[:, :-3]):
+        with pytest.raises(ValueError, match="cannot be read back"):
+            flat_prompt_structure(cut)

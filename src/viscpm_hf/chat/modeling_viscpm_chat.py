@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, LogitsProcessorList, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
@@ -327,14 +327,14 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
         return self.model.get_image_features(pixel_values, **kwargs)
 
-    def _get_logits_processor(self, generation_config, input_ids_seq_length=None, **kwargs) -> LogitsProcessorList:
-        # An LLM may bring decoding rules of its own (CPM-Bee: the original VisCPM generator's); they go first.
-        processors = super()._get_logits_processor(generation_config, input_ids_seq_length, **kwargs)
-        contribute = getattr(self.model.llm, "decoding_logits_processors", None)
-        if contribute is None:
-            return processors
-        extra = contribute(generation_config, input_ids_seq_length, kwargs.get("model_kwargs"), model=self)
-        return LogitsProcessorList([*extra, *processors])
+    def generate(self, inputs: torch.Tensor | None = None, **kwargs):
+        """transformers' `generate`; an LLM with decoding rules of its own (CPM-Bee: the original VisCPM generator's,
+        `cpmbee_decoding`) turns them into this call's arguments, so nothing is stored on the shared model."""
+        contribute = getattr(self.model.llm, "decoding_generate_kwargs", None)
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if contribute is not None and input_ids is not None:
+            kwargs = contribute(input_ids, kwargs, generation_config=self.generation_config)
+        return super().generate(inputs, **kwargs)
 
     def _validate_model_kwargs(self, model_kwargs: dict) -> None:
         # `forward` hands unknown keyword arguments to the LLM: its own inputs (CPM-Bee's segments, ...) are valid.

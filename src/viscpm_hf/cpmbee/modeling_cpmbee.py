@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, LogitsProcessor, LogitsProcessorList, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -27,7 +27,8 @@ from transformers.utils import can_return_tuple
 
 from ..cache_names import CACHE_NAME, cache_kwarg, take_cache
 from .configuration_cpmbee import CpmBeeConfig
-from .generation_cpmbee import cpmbee_decoding_processors
+from .generation_cpmbee import cpmbee_generate_kwargs
+from .prompt_cpmbee import ROOT_ID, flat_prompt_structure
 
 
 class CpmBeeRMSNorm(nn.Module):
@@ -387,7 +388,8 @@ class CpmBeeModel(CpmBeePreTrainedModel):
           sample's offset into `segment_rel`.
         - `segment_rel`: `(batch, n*n)` flattened segment-relation table (0 = same segment).
         - `ext_table_ids`, `ext_table_sub`: `(batch, num_ext)` base id and sub id of each ext column.
-        Missing structural inputs make CPM-Bee a plain causal LM over one segment. They may describe a prefix
+        Missing structural inputs make CPM-Bee a plain causal LM over one segment (ids of a flattened prompt, which
+        hold `<root>`, are then refused: only `generate` reads the structure back from ids). They may describe a prefix
         only: later tokens continue its last segment as answer tokens. `inputs_embeds` are
         `embed_tokens(input_ids)`, before the sub-id rotation (applied here). The biases depend on token order only,
         so `position_ids` (or `cu_seq_lens_q`) matter only in padding-free batches, where they mark where each
@@ -408,6 +410,12 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         # Packed sequences only in a first pass: a decoding step continues the sequence its cache holds.
         sequence_ids = None
         if past_length == 0:
+            if segment_ids is None and input_ids is not None and bool((input_ids == ROOT_ID).any()):
+                raise ValueError(
+                    "input_ids hold a flattened CPM-Bee prompt (<root>) but no structural inputs: pass all the "
+                    "tokenizer's outputs (model(**tokenizer(prompt, return_tensors='pt'))), or call generate, which "
+                    "reads the structure of a dict-of-strings prompt back from its ids."
+                )
             sequence_ids = packed_sequence_ids(position_ids, kwargs.get("cu_seq_lens_q"), batch_size, length)
         longest = total
         if sequence_ids is not None:  # the limit is per packed sequence (ids made unique across rows first)
@@ -479,25 +487,30 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
-    def decoding_logits_processors(
-        self, generation_config, prompt_length: int, model_kwargs: dict | None = None, model: nn.Module | None = None
-    ) -> list[LogitsProcessor]:
-        """The original VisCPM decoding rules when `generation_config.cpmbee_decoding` asks for them.
+    def decoding_generate_kwargs(self, input_ids: torch.Tensor, kwargs: dict, generation_config=None) -> dict:
+        """`generate` arguments that apply the original VisCPM decoding (`cpmbee_decoding`) to one call.
 
-        `model` is the model `generate` runs (this one, or a multimodal model around it).
+        The model that calls `generate` (this one, or a multimodal model around it) passes its own generation config.
         """
-        return cpmbee_decoding_processors(
-            generation_config, prompt_length, self.config.vocab_size, model_kwargs, model or self
+        return cpmbee_generate_kwargs(
+            kwargs, input_ids.shape[-1], self.config.vocab_size, generation_config or self.generation_config
         )
 
     def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
         """Keeps the 2D padding mask under a static cache: CPM-Bee builds its attention from the prompt structure."""
         return attention_mask
 
-    def _get_logits_processor(self, generation_config, input_ids_seq_length=None, **kwargs) -> LogitsProcessorList:
-        processors = super()._get_logits_processor(generation_config, input_ids_seq_length, **kwargs)
-        extra = self.decoding_logits_processors(generation_config, input_ids_seq_length, kwargs.get("model_kwargs"))
-        return LogitsProcessorList([*extra, *processors])
+    def generate(self, inputs: torch.Tensor | None = None, **kwargs):
+        """transformers' `generate`, plus two things CPM-Bee needs per call: a prompt given by its ids alone (all that
+        `pipeline("text-generation")` passes) gets its structural inputs read back from the ids
+        ([`~prompt_cpmbee.flat_prompt_structure`]), and `cpmbee_decoding` becomes this call's decoding
+        ([`~generation_cpmbee.cpmbee_generate_kwargs`])."""
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if input_ids is None:
+            return super().generate(inputs, **kwargs)
+        if input_ids.shape[-1] > 0 and kwargs.get("segment_ids") is None and bool((input_ids == ROOT_ID).any()):
+            kwargs.update(flat_prompt_structure(input_ids, kwargs.get("attention_mask")))
+        return super().generate(inputs, **self.decoding_generate_kwargs(input_ids, kwargs))
 
     @can_return_tuple
     def forward(

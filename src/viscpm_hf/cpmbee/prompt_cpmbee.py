@@ -12,7 +12,9 @@ Three layouts are built here, each as the original VisCPM builds it:
   out, so the prompt ends where generation starts;
 - `collate_prompts` / `paint_prompts`: right-padded batches with next-token targets (training and VisCPM-Paint);
 - `model_prompt` / `pad_model_prompts`: the layout transformers models read, where the sequence runs on into the
-  answer (its `<s>` when generating, the whole answer and `</s>` when training) and labels shift inside the model.
+  answer (its `<s>` when generating, the whole answer and `</s>` when training) and labels shift inside the model;
+- `flat_prompt_structure`: the structural inputs of such a generation prompt recovered from its ids alone, for
+  callers that pass only `input_ids` (transformers' `pipeline("text-generation")`).
 
 Strings in the dict are markup (see `tokenization_cpmbee.py`): a literal `<` must be written `<<`.
 """
@@ -30,6 +32,8 @@ ANSWER_KEY = "<ans>"
 IMAGE_KEY = "image"
 MAX_RELATION_DEPTH = 7  # depths below the common ancestor are clipped here in segment_rel
 IGNORE_INDEX = -100
+# Fixed ids of CPM-Bee's vocabulary that delimit a flattened prompt.
+UNK_ID, BOS_ID, EOS_ID, ROOT_ID, ANSWER_ID = 1, 6, 7, 8, 9
 
 
 @dataclass
@@ -410,12 +414,76 @@ def pad_model_prompts(prompts: Sequence[CpmBeeModelPrompt], padding_side: str = 
     }
 
 
+def flat_prompt_structure(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Structural inputs of generation prompts (`model_prompt` of a dict of strings) read back from their ids.
+
+    Segments are delimited by `<s>`/`</s>` (user text cannot hold them: it is escaped), and in a dict of strings they
+    alternate key, value after the root, the last one the open `<ans>` value. A nested dict, or text outside the
+    vocabulary (a `<unk>` whose sub id is not in the ids), cannot be read back from ids: both raise a `ValueError`
+    that says to pass the tokenizer's outputs instead. Rows may be left-padded (`attention_mask` 0).
+    """
+    batch_size, length = input_ids.shape
+    mask = attention_mask.bool().tolist() if attention_mask is not None else [[True] * length] * batch_size
+    per_token = {
+        name: torch.zeros_like(input_ids, dtype=torch.long)
+        for name in ("input_id_subs", "context", "segment_ids", "segment_rel_offset", "num_segments")
+    }
+    relations = []
+    fix = "pass all the tokenizer's outputs to generate (generate(**tokenizer(prompt, return_tensors='pt')))"
+    for row, (ids, keep) in enumerate(zip(input_ids.tolist(), mask)):
+        positions = [i for i, real in enumerate(keep) if real]
+        tokens = [ids[i] for i in positions]
+        if UNK_ID in tokens:
+            raise ValueError(
+                "The prompt holds text outside CPM-Bee's vocabulary (<unk>), which input_ids alone cannot describe; "
+                + fix + "."
+            )
+        starts = [i for i, token in enumerate(tokens) if token == BOS_ID]
+        spans = list(zip(starts, [*starts[1:], len(tokens)]))
+        closed = [tokens[end - 1] == EOS_ID and EOS_ID not in tokens[start : end - 1] for start, end in spans]
+        if (
+            not starts
+            or starts[0] != 0
+            or tokens[:3] != [BOS_ID, ROOT_ID, EOS_ID]
+            or len(spans) % 2 == 0
+            or not all(closed[:-1])
+            or tokens[spans[-1][0] :] != [BOS_ID]
+            or tokens[spans[-2][0] : spans[-2][1]] != [BOS_ID, ANSWER_ID, EOS_ID]
+        ):
+            raise ValueError(
+                f"Row {row} of input_ids is not a CPM-Bee generation prompt of a dict of strings (<s><root></s>, "
+                "then <s>key</s><s>value</s> pairs, ending with <s><ans></s><s>); its structure cannot be read back "
+                "from the ids: " + fix + "."
+            )
+        segments = [PromptSegment("<root>", None, 0, False, "the root")]
+        for index in range(1, len(spans)):
+            is_key = index % 2 == 1
+            segments.append(PromptSegment("", 0 if is_key else index - 1, 1 if is_key else 2, False, ""))
+        for index, (start, end) in enumerate(spans):
+            for i in positions[start:end]:
+                per_token["segment_ids"][row, i] = index
+                per_token["context"][row, i] = 1
+                per_token["num_segments"][row, i] = len(spans)
+        per_token["context"][row, positions[-1]] = 0  # the answer's <s>
+        relations.append(segment_relations(segments))
+    width = max(len(r) for r in relations)
+    segment_rel = torch.tensor([r + [0] * (width - len(r)) for r in relations], dtype=torch.long)
+    empty = torch.zeros(batch_size, 0, dtype=torch.long, device=input_ids.device)
+    return {
+        **per_token,
+        "segment_rel": segment_rel.to(input_ids.device),
+        "ext_table_ids": empty,
+        "ext_table_sub": empty.clone(),
+    }
+
+
 __all__ = [
     "CpmBeeBatch",
     "CpmBeeModelPrompt",
     "CpmBeeGenerationPrompt",
     "CpmBeePrompt",
     "collate_prompts",
+    "flat_prompt_structure",
     "flatten_prompt",
     "flatten_prompt_for_generation",
     "model_prompt",
