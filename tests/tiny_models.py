@@ -40,7 +40,9 @@ TEXT_CONFIGS = {
 }
 
 
-def make_chat_config(tokenizer, text_model_type="qwen2", vision_model_type="siglip_vision_model", **overrides):
+def make_chat_config(
+    tokenizer, text_model_type="qwen2", vision_model_type="siglip_vision_model", text_config_overrides=None, **overrides
+):
     text_config = dict(
         model_type=text_model_type,
         vocab_size=len(tokenizer),
@@ -49,6 +51,7 @@ def make_chat_config(tokenizer, text_model_type="qwen2", vision_model_type="sigl
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         **TEXT_CONFIGS[text_model_type],
+        **(text_config_overrides or {}),
     )
     return VisCPMChatConfig(
         vision_config=dict(model_type=vision_model_type, **VISION_CONFIGS[vision_model_type]),

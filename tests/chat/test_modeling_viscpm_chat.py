@@ -385,3 +385,51 @@ def test_prompt_lookup_decoding_gives_the_greedy_tokens(chat_model, inputs):
     greedy = chat_model.generate(**inputs, max_new_tokens=6, num_beams=1)
     assisted = chat_model.generate(**inputs, max_new_tokens=6, num_beams=1, prompt_lookup_num_tokens=3)
     assert torch.equal(assisted, greedy)
+
+
+# --- the common-model contracts of transformers -------------------------------------------------------------
+
+
+def test_return_dict_false_gives_tuples(chat_model, inputs):
+    outputs = chat_model(**inputs)
+    as_tuple = chat_model(**inputs, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], outputs.logits)
+    features = chat_model.get_image_features(inputs["pixel_values"], return_dict=False)
+    assert isinstance(features, tuple)
+    torch.testing.assert_close(features[0], chat_model.get_image_features(inputs["pixel_values"]).last_hidden_state)
+    bare = chat_model.model(**inputs, return_dict=False)
+    assert isinstance(bare, tuple) and bare[0].shape[:2] == inputs["input_ids"].shape
+
+
+def test_the_length_limit_follows_the_llms_rope_scaling(tokenizer, processor, image):
+    scaled = make_chat_model(
+        tokenizer, text_model_type="llama", text_config_overrides={"rope_parameters": {"rope_type": "linear", "factor": 4.0}}
+    )
+    assert scaled.config.text_config.max_position_embeddings == 256
+    model_inputs = prompt_inputs(processor, ["x" * 600], [image])
+    assert 256 < model_inputs["input_ids"].shape[1] <= 1024
+    assert torch.isfinite(scaled(**model_inputs).logits).all()  # within 4 x 256
+    with pytest.raises(ValueError, match="at most 1024"):
+        scaled(**prompt_inputs(processor, ["x" * 1100], [image]))
+
+
+def test_a_fullgraph_compiled_forward_gives_the_eager_logits(chat_model, inputs):
+    compiled = torch.compile(chat_model, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(**inputs).logits, chat_model(**inputs).logits)
+
+
+def test_an_offloaded_vision_tower_answers_as_one_in_memory(saved_dir, chat_model, inputs, tmp_path):
+    offloaded = AutoModelForImageTextToText.from_pretrained(
+        saved_dir, device_map={"model.vision_tower": "disk", "model.bridge": "cpu", "model.llm": "cpu"},
+        offload_folder=tmp_path / "offload",
+    )  # fmt: skip
+    assert offloaded.model.vision_tower.device.type == "meta"
+    greedy = dict(max_new_tokens=5, num_beams=1, do_sample=False)
+    assert torch.equal(offloaded.generate(**inputs, **greedy), chat_model.generate(**inputs, **greedy))
+
+
+def test_a_viscpm_chat_assistant_gives_the_greedy_tokens(tokenizer, chat_model, inputs):
+    assistant = make_chat_model(tokenizer, seed=3)
+    greedy = dict(max_new_tokens=6, num_beams=1, do_sample=False)
+    assert torch.equal(chat_model.generate(**inputs, **greedy, assistant_model=assistant), chat_model.generate(**inputs, **greedy))

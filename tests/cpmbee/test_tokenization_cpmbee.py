@@ -183,3 +183,17 @@ def test_save_and_reload(bee_tokenizer, tmp_path):
     assert reloaded.all_special_ids == bee_tokenizer.all_special_ids
     assert reloaded.tokenize("<s>") == ["<", "s", ">"]
     assert reloaded.vocab_size == len(reloaded) == 86583
+
+
+def test_a_prompts_ext_strings_travel_with_it_not_with_the_tokenizer():
+    """Decoding one request's answer never reads another request's out-of-vocabulary strings."""
+    tokenizer = CpmBeeTokenizer(VOCAB_FILE, prompt_format="structured")
+    first = {"question": "Copy ☃ and 𝔸 please", "<ans>": ""}  # 𝔸, the second unknown string, gets an ext id
+    second = {"question": "Copy ♞ and ♜ please", "<ans>": ""}
+    (first_table,) = tokenizer.output_ext_tables(first)
+    tokenizer(second)  # a later request
+    ext_id = next(i for i, text in first_table.items() if text == "𝔸")
+    assert ext_id >= tokenizer.vocab_size
+    assert tokenizer.decode([ext_id], ext_table=first_table) == "𝔸"
+    assert tokenizer.decode([ext_id]) == "<unk>"  # without its table, never the other request's string
+    assert tokenizer.batch_decode([[ext_id], [ext_id]], ext_tables=[first_table, None]) == ["𝔸", "<unk>"]

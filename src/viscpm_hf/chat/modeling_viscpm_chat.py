@@ -17,6 +17,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.siglip.modeling_siglip import eager_attention_forward
+from transformers.utils import can_return_tuple, torch_compilable_check
 
 from ..cache_names import CACHE_NAME, cache_kwarg, take_cache
 from .configuration_viscpm_chat import VisCPMChatConfig
@@ -40,6 +41,23 @@ class VisCPMChatCausalLMOutputWithPast(CausalLMOutputWithPast):
     """Language-model outputs plus the bridge outputs of the images in the prompt (reusable in a later turn)."""
 
     image_hidden_states: torch.Tensor | None = None
+
+
+def llm_context_limit(text_config) -> int | None:
+    """The LLM's context in tokens: `max_position_embeddings`, stretched by a RoPE scaling factor where the config
+    has one (linear, dynamic, YaRN, ... stretch the original range by `factor`); None when the LLM sets no limit."""
+    limit = getattr(text_config, "max_position_embeddings", None)
+    rope = getattr(text_config, "rope_parameters", None) or {}
+    if limit is None or not isinstance(rope, dict):
+        return limit
+    per_layer_type = [rope] if "rope_type" in rope or "factor" in rope else [v for v in rope.values() if isinstance(v, dict)]
+    for parameters in per_layer_type:
+        if parameters.get("rope_type", "default") != "default" and parameters.get("factor"):
+            original = parameters.get("original_max_position_embeddings") or getattr(
+                text_config, "max_position_embeddings", limit
+            )
+            limit = max(limit, int(original * parameters["factor"]))
+    return limit
 
 
 class VisCPMChatBridgeAttention(nn.Module):
@@ -162,6 +180,7 @@ class VisCPMChatModel(VisCPMChatPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.llm.set_input_embeddings(value)
 
+    @can_return_tuple
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
         """Runs the vision tower and the bridge.
 
@@ -179,7 +198,9 @@ class VisCPMChatModel(VisCPMChatPreTrainedModel):
         layer = self.config.vision_feature_layer
         if layer != -1:
             kwargs["output_hidden_states"] = True
-        pixel_values = pixel_values.to(self.vision_tower.device, self.vision_tower.dtype)
+        # An offloaded tower sits on the meta device; its offload hook brings pixels where it runs.
+        tower_device = self.vision_tower.device
+        pixel_values = pixel_values.to(None if tower_device.type == "meta" else tower_device, self.vision_tower.dtype)
         outputs = self.vision_tower(pixel_values, return_dict=True, **kwargs)
         features = outputs.last_hidden_state if layer == -1 else outputs.hidden_states[layer]
         if features.ndim == 4:  # a convolutional tower's (num_images, channels, height, width) feature map
@@ -204,18 +225,20 @@ class VisCPMChatModel(VisCPMChatPreTrainedModel):
             mask = (inputs_embeds == image_embedding).all(-1)
         else:
             mask = input_ids == image_token_id
-        num_tokens = int(mask.sum())
-        if num_tokens != (num_image_features or 0):
-            per_image = self.config.num_query_tokens
+        per_image = self.config.num_query_tokens
+
+        def mismatch() -> str:
             if not num_image_features:
                 reason = "but no pixel_values or image features were given"
             else:
                 reason = f"but the images give {num_image_features // per_image} x {per_image} = {num_image_features}"
-            raise ValueError(
-                f"Image features and image tokens do not match: the prompt holds {num_tokens} image tokens {reason}. "
-                f"Each image needs exactly one image placeholder, expanded to {per_image} tokens by "
+            return (
+                f"Image features and image tokens do not match: the prompt holds {int(mask.sum())} image tokens "
+                f"{reason}. Each image needs exactly one image placeholder, expanded to {per_image} tokens by "
                 "VisCPMChatProcessor; do not truncate prompts that contain images."
             )
+
+        torch_compilable_check(mask.sum() == (num_image_features or 0), mismatch)
         return mask
 
     def prepare_llm_inputs(
@@ -259,16 +282,19 @@ class VisCPMChatModel(VisCPMChatPreTrainedModel):
         return {"input_ids": None, "inputs_embeds": inputs_embeds}, image_features, image_mask
 
     def check_sequence_length(self, length: int, cache: Cache | None) -> None:
-        """Refuses a sequence longer than the LLM's position range instead of degrading silently."""
-        limit = getattr(self.config.text_config, "max_position_embeddings", None)
-        past_length = cache.get_seq_length() if cache is not None else 0
-        if limit is not None and past_length + length > limit:
-            raise ValueError(
-                f"The sequence is {past_length + length} tokens long but the language model allows at most {limit} "
-                "(text_config.max_position_embeddings). Shorten the prompt or the history, pass fewer images, "
-                "or lower max_new_tokens."
-            )
+        """Refuses a sequence longer than the LLM's context (`llm_context_limit`) instead of degrading silently."""
+        limit = llm_context_limit(self.config.text_config)
+        if limit is None:
+            return
+        total = length + (cache.get_seq_length() if cache is not None else 0)
+        torch_compilable_check(
+            total <= limit,
+            lambda: f"The sequence is {int(total)} tokens long but the language model allows at most {limit} "
+            "(text_config.max_position_embeddings, times its RoPE scaling factor). Shorten the prompt or the "
+            "history, pass fewer images, or lower max_new_tokens.",
+        )
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -324,8 +350,27 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.model.llm.set_output_embeddings(value)
 
+    @can_return_tuple
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
         return self.model.get_image_features(pixel_values, **kwargs)
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        cache: Cache | None = None,
+        pixel_values: torch.Tensor | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs,
+    ) -> dict:
+        """transformers' preparation; the image inputs go in whenever the cache does not hold the prompt yet. An
+        assistant model's first pass is not the "first iteration" of `generate`, but it still reads the images."""
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, cache=cache, is_first_iteration=is_first_iteration, **kwargs
+        )
+        if is_first_iteration or cache is None or not kwargs.get("use_cache", True) or cache.get_seq_length() == 0:
+            model_inputs.update(pixel_values=pixel_values, mm_encoder_outputs=mm_encoder_outputs)
+        return model_inputs
 
     def generate(self, inputs: torch.Tensor | None = None, **kwargs):
         """transformers' `generate`; an LLM with decoding rules of its own (CPM-Bee: the original VisCPM generator's,
@@ -341,6 +386,7 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         llm_inputs = set(inspect.signature(self.model.llm.forward).parameters)
         super()._validate_model_kwargs({k: v for k, v in model_kwargs.items() if k not in llm_inputs})
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

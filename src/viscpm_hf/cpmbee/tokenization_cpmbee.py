@@ -143,7 +143,9 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
         split_special_tokens (`bool`, defaults to `True`): Plain text is literal: `"<s>"` in it is three characters.
         prompt_format (`str`, defaults to `"text"`): `"structured"` makes `tokenizer(text)` read each text as a JSON
             CPM-Bee prompt dict (what the VisCPM chat template renders) and return the model's structural inputs.
-            `decode`/`batch_decode` then map the ext ids of the last structured call's rows back to their strings.
+            The strings behind a prompt's ext ids travel with the prompt, not with the tokenizer: get them with
+            `output_ext_tables(prompts)` and pass one to `decode(..., ext_table=...)`; without it an ext id reads
+            `<unk>`, so one request's text never shows up in another's answer.
     """
 
     vocab_files_names = VOCAB_FILES_NAMES
@@ -165,7 +167,6 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
         if prompt_format not in ("text", "structured"):
             raise ValueError(f"prompt_format must be 'text' or 'structured', got {prompt_format!r}.")
         self.prompt_format = prompt_format
-        self._output_ext_tables: list[dict[int, str]] = []  # per row of the last structured call
         self._tokens = load_vocab(vocab_file)
         self._ids = {token: index for index, token in enumerate(self._tokens)}
         if len(self._ids) != len(self._tokens):
@@ -320,10 +321,21 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
 
         Structured prompts cannot be truncated: a prompt longer than `max_length` raises a `ValueError`.
         """
-        from .prompt_cpmbee import model_prompt, pad_model_prompts
+        from .prompt_cpmbee import pad_model_prompts
 
         if truncation:
             raise ValueError("Structured CPM-Bee prompts cannot be truncated: shorten the context instead.")
+        built = self._model_prompts(prompts, max_length)
+        encoded = pad_model_prompts(built, padding_side or self.padding_side)
+        return BatchEncoding({k: v if return_tensors else v.tolist() for k, v in encoded.items()}, tensor_type=return_tensors)
+
+    def output_ext_tables(self, prompts, max_length: int | None = None) -> list[dict[int, str]]:
+        """Per prompt (as `__call__` takes them), the strings of the ext ids its answer may hold, for `decode`."""
+        return [prompt.output_ext_table for prompt in self._model_prompts(prompts, max_length)]
+
+    def _model_prompts(self, prompts, max_length: int | None):
+        from .prompt_cpmbee import model_prompt
+
         rows = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
         built = []
         for row in rows:
@@ -333,31 +345,35 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
                 except json.JSONDecodeError as error:
                     raise ValueError(
                         f"With prompt_format='structured' each text must be a JSON CPM-Bee prompt dict ({error}). "
-                        "Render it with the processor's chat template, or pass the dict itself."
+                        "Render chat messages with the chat template (pipelines do so for a list of messages), or "
+                        "pass the dict itself."
                     ) from error
             built.append(model_prompt(self, row, max_length=max_length))
-        self._output_ext_tables = [prompt.output_ext_table for prompt in built]
-        encoded = pad_model_prompts(built, padding_side or self.padding_side)
-        return BatchEncoding({k: v if return_tensors else v.tolist() for k, v in encoded.items()}, tensor_type=return_tensors)
+        return built
 
     def decode(self, token_ids, skip_special_tokens: bool = False, ext_table: dict[int, str] | None = None, **kwargs):
-        """`ext_table` maps output ids to text; by default the first row's table of the last structured call."""
-        if ext_table is None and self._output_ext_tables:
-            ext_table = self._output_ext_tables[0]
+        """`ext_table` (from `output_ext_tables`) maps a structured prompt's ext ids back to their strings."""
+        ids = token_ids.tolist() if hasattr(token_ids, "tolist") else [token_ids] if isinstance(token_ids, int) else list(token_ids)
+        if ids and isinstance(ids[0], list):  # a batch, as transformers' decode accepts
+            return [self.decode(row, skip_special_tokens, ext_table, **kwargs) for row in ids]
+        if self.prompt_format == "structured":  # ext ids name per-prompt strings: only the prompt's table knows them
+            ext_table = {i: self.unk_token for i in map(int, ids) if i >= self.vocab_size} | (ext_table or {})
         if not ext_table:
-            return super().decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
-        ids = token_ids.tolist() if hasattr(token_ids, "tolist") else list(token_ids)
+            return super().decode(ids, skip_special_tokens=skip_special_tokens, **kwargs)
         special = set(self.all_special_ids)
         return "".join(
             ext_table[i] if i in ext_table else "" if skip_special_tokens and i in special else self._convert_id_to_token(i)
             for i in map(int, ids)
         )
 
-    def batch_decode(self, sequences, skip_special_tokens: bool = False, **kwargs) -> list[str]:
-        tables = self._output_ext_tables
+    def batch_decode(
+        self, sequences, skip_special_tokens: bool = False, ext_tables: list[dict[int, str]] | None = None, **kwargs
+    ) -> list[str]:
+        """`ext_tables`: one table per row (see `decode`)."""
+        tables = ext_tables or [None] * len(sequences)
         return [
-            self.decode(row, skip_special_tokens=skip_special_tokens, ext_table=tables[i] if i < len(tables) else None, **kwargs)
-            for i, row in enumerate(sequences)
+            self.decode(row, skip_special_tokens=skip_special_tokens, ext_table=table, **kwargs)
+            for row, table in zip(sequences, tables)
         ]
 
     # Plain-text level (the transformers API).
