@@ -64,3 +64,33 @@ def test_empty_question_is_refused(chat_model, processor, image, question):
 def test_history_defaults_to_an_empty_conversation():
     history = VisCPMChatHistory()
     assert history.messages == [] and history.image_features is None
+
+
+@pytest.mark.parametrize("num_beams", [0, -1, 1.5])
+def test_num_beams_below_one_is_refused_before_generating(chat_model, processor, image, num_beams, monkeypatch):
+    with pytest.raises(ValueError, match=f"num_beams must be a positive integer.*got {num_beams}"):
+        chat_model.chat(image, "What is shown?", processor, num_beams=num_beams, max_new_tokens=2)
+    monkeypatch.setattr(chat_model.generation_config, "num_beams", num_beams)  # the default, when the call does not say
+    with pytest.raises(ValueError, match="num_beams must be a positive integer"):
+        chat_model.chat(image, "What is shown?", processor, max_new_tokens=2)
+
+
+def test_a_question_writing_the_image_placeholder_is_refused(chat_model, processor, image):
+    with pytest.raises(ValueError, match="Message 0's text contains '<image>'"):
+        chat_model.chat(image, "What does <image> mean?", processor, **GREEDY)
+
+
+def test_a_history_with_an_unknown_role_is_refused(chat_model, processor, image):
+    _, history = chat_model.chat(image, "What is shown?", processor, **GREEDY)
+    history.messages[1]["role"] = "bot"
+    with pytest.raises(ValueError, match="Message 1 has role 'bot'"):
+        chat_model.chat(None, "Tell me more.", processor, history=history, **GREEDY)
+
+
+def test_generate_refuses_num_beams_below_one(chat_model, processor, image):
+    inputs = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What?"}]}],
+        add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="num_beams must be a positive integer"):
+        chat_model.generate(**inputs, num_beams=0, max_new_tokens=2)

@@ -433,3 +433,23 @@ def test_a_viscpm_chat_assistant_gives_the_greedy_tokens(tokenizer, chat_model, 
     assistant = make_chat_model(tokenizer, seed=3)
     greedy = dict(max_new_tokens=6, num_beams=1, do_sample=False)
     assert torch.equal(chat_model.generate(**inputs, **greedy, assistant_model=assistant), chat_model.generate(**inputs, **greedy))
+
+
+def test_weights_missing_from_a_checkpoint_are_initialised_as_in_a_fresh_build(saved_dir, chat_model):
+    """Each missing tensor gets its sub-model's own initialisation (SigLIP: xavier for the MLP), the same
+    distribution as a fresh build, and is reported; loaded tensors are untouched."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(saved_dir / "model.safetensors")
+    dropped = [k for k in weights if k.startswith("model.vision_tower.") and k.endswith("fc1.weight")]
+    dropped += ["model.bridge.mapping.linear_1.weight"]
+    save_file({k: v for k, v in weights.items() if k not in dropped}, saved_dir / "model.safetensors", metadata={"format": "pt"})
+    loaded, info = AutoModelForImageTextToText.from_pretrained(saved_dir, output_loading_info=True)
+    assert set(info["missing_keys"]) == set(dropped)
+    state, fresh = loaded.state_dict(), chat_model.state_dict()
+    for key in dropped:
+        value, reference = state[key].float(), fresh[key].float()
+        assert torch.isfinite(value).all() and not torch.equal(value, reference), key
+        assert float(value.std()) == pytest.approx(float(reference.std()), rel=0.15), key
+    kept = "model.vision_tower.encoder.layers.0.mlp.fc2.weight"
+    torch.testing.assert_close(state[kept], fresh[kept], rtol=0, atol=0)

@@ -1,3 +1,5 @@
+import base64
+
 import numpy as np
 import pytest
 import torch
@@ -116,3 +118,88 @@ def test_tokenizer_without_image_token_is_refused():
     tokenizer = build_byte_level_tokenizer(special_tokens=("<pad>", "<s>", "</s>"))
     with pytest.raises(ValueError, match="has no '<image>' token"):
         VisCPMChatProcessor(image_processor=paper_image_processor(), tokenizer=tokenizer)
+
+
+def test_deep_and_float_images_give_the_pixels_of_their_8_bit_equivalent(processor):
+    gray = random_image(3).convert("L")
+    reference = processor(text="<image>", images=[gray], return_tensors="pt")["pixel_values"]
+    deep = Image.fromarray(np.asarray(gray).astype(np.uint16) * 257)  # I;16, as a 16-bit PNG opens
+    unit = np.stack([np.asarray(gray) / 255] * 3, -1)  # float in [0, 1]: must not be divided by 255 again
+    for source in (deep, unit, torch.from_numpy(unit).permute(2, 0, 1)):
+        pixel_values = processor(text="<image>", images=[source], return_tensors="pt")["pixel_values"]
+        torch.testing.assert_close(pixel_values, reference)
+
+
+def test_chat_image_items_take_urls_and_base64(processor, image, tmp_path):
+    path = tmp_path / "image.png"
+    image.save(path)
+    encoded = base64.b64encode(path.read_bytes()).decode()
+    reference = processor(text="<image>", images=[image], return_tensors="pt")["pixel_values"]
+    for item in ({"url": path.as_uri()}, {"url": f"data:image/png;base64,{encoded}"}, {"base64": encoded}):
+        chat = [{"role": "user", "content": [{"type": "image", **item}, {"type": "text", "text": "What?"}]}]
+        out = processor.apply_chat_template(
+            chat, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+        torch.testing.assert_close(out["pixel_values"], reference)
+
+
+def user_says(*items):
+    return [{"role": "user", "content": list(items)}]
+
+
+def test_image_placeholder_written_in_message_text_is_refused_or_read_as_text(processor, image):
+    chat = user_says({"type": "image", "image": image}, {"type": "text", "text": "Is <image> HTML?"})
+    for tokenize in (False, True):
+        with pytest.raises(ValueError, match="Message 0's text contains '<image>'.*sanitize_control_tokens=True"):
+            processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=tokenize)
+    out = processor.apply_chat_template(
+        chat, add_generation_prompt=True, tokenize=True, return_dict=True, sanitize_control_tokens=True
+    )
+    ids = out["input_ids"][0]
+    assert ids.count(processor.image_token_id) == NUM_QUERY_TOKENS  # the text's '<image>' is no image
+    assert processor.decode(ids).endswith("Is <image> HTML?\nAI:")
+
+
+BAD_CONVERSATIONS = {  # conversation, error type, what the message says
+    "text None": (
+        user_says({"type": "image"}, {"type": "text", "text": None}), ValueError, r"Message 0 \(user\), item 1 has text None"
+    ),
+    "text not str": (user_says({"type": "text", "text": 5}), TypeError, r"item 0 has text 5; give the text as a string"),
+    "no text": (user_says({"type": "image"}), ValueError, r"Message 0 \(user\) has no text: add the question"),
+    "blank text": ([{"role": "user", "content": "  "}], ValueError, r"Message 0 \(user\) has no text"),
+    "unknown role": (
+        [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Hello"}],
+        ValueError,
+        r"Message 1 has role 'bot'.*'assistant'",
+    ),
+    "no content": ([{"role": "user"}], ValueError, r"Message 0 \(user\) has no 'content'"),
+    "content int": ([{"role": "user", "content": 5}], TypeError, r"Message 0 \(user\) has content of type int"),
+    "unknown item": (
+        user_says({"type": "video"}, {"type": "text", "text": "Hi"}), ValueError, r"item 0 is \{'type': 'video'\}"
+    ),
+    "message str": (["Hi"], TypeError, r"Message 0 is a str"),
+    "empty": ([], ValueError, r"conversation is \[\]: pass a non-empty list"),
+    "batch": (
+        [[{"role": "user", "content": "Hi"}], []], ValueError, r"Conversation 1 of the batch: The conversation is \[\]"
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONVERSATIONS.values(), ids=BAD_CONVERSATIONS.keys())
+@pytest.mark.parametrize("tokenize", [False, True])
+def test_malformed_conversations_are_refused_with_the_message_named(processor, case, tokenize):
+    conversation, error, message = case
+    with pytest.raises(error, match=message):
+        processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=tokenize)
+
+
+def test_empty_assistant_answers_and_openai_image_items_are_accepted(processor, image, tmp_path):
+    path = tmp_path / "image.png"
+    image.save(path)
+    chat = [
+        *user_says({"type": "image_url", "image_url": {"url": path.as_uri()}}, {"type": "text", "text": "Hi"}),
+        {"role": "assistant", "content": [{"type": "text", "text": ""}]},
+        {"role": "user", "content": "Again?"},
+    ]
+    out = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert out["input_ids"][0].count(processor.image_token_id) == NUM_QUERY_TOKENS

@@ -25,6 +25,15 @@ class VisCPMChatHistory:
     image_features: torch.Tensor | None = None
 
 
+def check_num_beams(num_beams: Any) -> None:
+    """transformers 5.24 neither validates `num_beams` (GenerationConfig.validate accepts 0) nor fails clearly on it
+    (0 divides by zero, -1 makes a tensor of negative size)."""
+    if num_beams is not None and (isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1):
+        raise ValueError(
+            f"num_beams must be a positive integer (1: greedy or sampling, more: beam search); got {num_beams!r}."
+        )
+
+
 def chat(
     model: "VisCPMChatForConditionalGeneration",
     processor: "VisCPMChatProcessor",
@@ -36,6 +45,8 @@ def chat(
     """Answers `question` about `image` (one image, a list, or None to keep talking about earlier images)."""
     if not isinstance(question, str) or not question.strip():
         raise ValueError(f"The question is empty ({question!r}): ask something about the image.")
+    config = generate_kwargs.get("generation_config") or model.generation_config
+    check_num_beams(generate_kwargs.get("num_beams", config.num_beams))
     history = history or VisCPMChatHistory()
     new_images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
     content = [{"type": "image", "image": img} for img in new_images] + [{"type": "text", "text": question}]
@@ -56,6 +67,10 @@ def chat(
 
     output_ids = model.generate(**inputs, **generate_kwargs)
     prompt_length = inputs["input_ids"].shape[1]
-    answer = processor.decode(output_ids[0, prompt_length:], skip_special_tokens=True).strip()
+    decode_kwargs = {}
+    if hasattr(processor.tokenizer, "output_ext_tables"):  # CPM-Bee: the prompt's own out-of-vocabulary strings
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        decode_kwargs["ext_table"] = processor.tokenizer.output_ext_tables(prompt)[0]
+    answer = processor.decode(output_ids[0, prompt_length:], skip_special_tokens=True, **decode_kwargs).strip()
     messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
     return answer, VisCPMChatHistory(messages=messages, image_features=image_features)

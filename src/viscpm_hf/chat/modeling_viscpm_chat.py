@@ -21,7 +21,7 @@ from transformers.utils import can_return_tuple, torch_compilable_check
 
 from ..cache_names import CACHE_NAME, cache_kwarg, take_cache
 from .configuration_viscpm_chat import VisCPMChatConfig
-from .conversation import VisCPMChatHistory, chat
+from .conversation import VisCPMChatHistory, chat, check_num_beams
 
 
 # The paper decodes with beam search of 3 beams, at most 512 new tokens, and a length penalty of 3 on the
@@ -153,6 +153,14 @@ class VisCPMChatPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """Not remote code: loading then initialises missing weights with each sub-model's full `_init_weights`
+        (transformers' path for code outside the library inits only modules holding the missing parameters, so a
+        missing SigLIP `fc1` would get the Linear init instead of the MLP's). `transformers.initialization` skips the
+        loaded parameters by itself."""
+        return cls.is_remote_code()
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -375,6 +383,7 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
     def generate(self, inputs: torch.Tensor | None = None, **kwargs):
         """transformers' `generate`; an LLM with decoding rules of its own (CPM-Bee: the original VisCPM generator's,
         `cpmbee_decoding`) turns them into this call's arguments, so nothing is stored on the shared model."""
+        check_num_beams(kwargs.get("num_beams", (kwargs.get("generation_config") or self.generation_config).num_beams))
         contribute = getattr(self.model.llm, "decoding_generate_kwargs", None)
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         if contribute is not None and input_ids is not None:
