@@ -1,23 +1,16 @@
 """viscpm-hf: VisCPM and the MPM recipe as native transformers models and diffusers pipelines.
 
-Importing the package registers every model with the transformers Auto classes (no `trust_remote_code`) and makes
-`DiffusionPipeline.from_pretrained` find VisCPMPaintPipeline and its components.
+Importing the package registers every model with the transformers Auto classes (no `trust_remote_code`), makes
+`transformers serve` (run as `viscpm-serve`) answer with VisCPM-Chat, and `DiffusionPipeline.from_pretrained` find
+VisCPMPaintPipeline and its components: all in `registration.py`.
 """
 
-import diffusers
-from diffusers import ModelMixin  # noqa: F401 (see below)
-from diffusers.pipelines import pipeline_loading_utils
-from transformers import (  # noqa: F401 (PreTrainedModel, PreTrainedTokenizer: see below)
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForImageTextToText,
-    AutoProcessor,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizer,
-)
+# diffusers finds a component's loading method by looking up these base classes in the component's library
+# (`viscpm_hf`): see registration.register_with_diffusers.
+from diffusers import ModelMixin  # noqa: F401
+from transformers import PreTrainedModel, PreTrainedTokenizer  # noqa: F401
 
+from . import registration
 from .beit3 import VisCPMBeit3Config, VisCPMBeit3Model
 from .byte_tokenizer import build_byte_level_tokenizer
 from .chat import (
@@ -33,30 +26,7 @@ from .cpmbee import CpmBeeConfig, CpmBeeForCausalLM, CpmBeeModel, CpmBeePreTrain
 from .paint import PixelShuffleAutoencoder, VisCPMPaintPipeline, VisCPMPaintPipelineOutput, VisCPMTransBlock
 
 
-AutoConfig.register(VisCPMBeit3Config.model_type, VisCPMBeit3Config, exist_ok=True)
-AutoModel.register(VisCPMBeit3Config, VisCPMBeit3Model, exist_ok=True)
-AutoConfig.register(CpmBeeConfig.model_type, CpmBeeConfig, exist_ok=True)
-AutoModel.register(CpmBeeConfig, CpmBeeModel, exist_ok=True)
-AutoModelForCausalLM.register(CpmBeeConfig, CpmBeeForCausalLM, exist_ok=True)
-AutoTokenizer.register(CpmBeeConfig, slow_tokenizer_class=CpmBeeTokenizer, exist_ok=True)
-AutoConfig.register(VisCPMChatConfig.model_type, VisCPMChatConfig, exist_ok=True)
-AutoModel.register(VisCPMChatConfig, VisCPMChatModel, exist_ok=True)
-AutoModelForImageTextToText.register(VisCPMChatConfig, VisCPMChatForConditionalGeneration, exist_ok=True)
-AutoProcessor.register(VisCPMChatConfig, VisCPMChatProcessor, exist_ok=True)
-
-# diffusers resolves a pipeline's `_class_name` in its own namespace, only downloads components of libraries it
-# knows, and picks a component's loading method by finding its base class (ModelMixin, PreTrainedModel,
-# PreTrainedTokenizer, imported above) in the component's library: all three must include ours for
-# `DiffusionPipeline.from_pretrained` (local folders and Hub repos alike).
-diffusers.VisCPMPaintPipeline = VisCPMPaintPipeline
-pipeline_loading_utils.LOADABLE_CLASSES.setdefault(
-    "viscpm_hf",
-    {
-        "ModelMixin": ["save_pretrained", "from_pretrained"],
-        "PreTrainedModel": ["save_pretrained", "from_pretrained"],
-        "PreTrainedTokenizer": ["save_pretrained", "from_pretrained"],
-    },
-)
+registration.register()
 
 __version__ = "0.1.0"
 __all__ = [

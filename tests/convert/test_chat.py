@@ -13,6 +13,7 @@ from viscpm_hf import CpmBeeTokenizer, VisCPMChatForConditionalGeneration, VisCP
 from viscpm_hf.convert.chat import IMAGE_TOKEN_ID, chat_config_from_original, convert_chat, plan_conversion
 from viscpm_hf.convert.cli import main
 from viscpm_hf.cpmbee.prompt_cpmbee import collate_prompts, flatten_prompt
+from viscpm_hf.cpmbee.tokenization_cpmbee import escape_markup
 
 
 CASES = ["e1_img0_en", "e2_img1_zh", "e3_img0_zh_multiturn"]
@@ -367,3 +368,82 @@ def test_image_text_to_text_pipeline_answers_as_generate(model, processor, decod
         text=messages, generate_kwargs={"max_new_tokens": 6, **decoding}, return_full_text=False
     )
     assert expected and answer[0]["generated_text"] == expected
+
+
+# --- user text stays text ------------------------------------------------------------------------------------
+
+
+def question_chat(question: str) -> list[dict]:
+    image = {"type": "image", "image": str(PARITY_DIR / "vision_image0.png")}
+    return [{"role": "user", "content": [image, {"type": "text", "text": question}]}]
+
+
+def test_markup_in_a_question_reaches_the_model_as_text(processor):
+    """`<mask>` is also the image placeholder: escaped user text must neither count nor expand as one."""
+    question = "Is <mask> or <<ans>> a tag?"
+    chat = question_chat(question)
+    inputs = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    ids, segments = inputs["input_ids"][0], inputs["segment_ids"][0]
+    assert (ids == IMAGE_TOKEN_ID).sum() == 64
+    # Segments: root, then key/value pairs image, context, question, <ans>; the question's value is the third from last.
+    value = ids[segments == segments[-1] - 2]
+    assert value[0] == 6 and value[-1] == 7  # <s> ... </s>
+    assert processor.tokenizer.decode(value[1:-1]) == question
+    assert json.loads(processor.apply_chat_template(chat, add_generation_prompt=True))["question"] == escape_markup(question)
+
+
+def test_chat_with_markup_in_the_question_answers_and_keeps_it_in_the_context(model, processor):
+    answer, history = model.chat(str(PARITY_DIR / "vision_image0.png"), "What is <mask>?", processor, num_beams=1, max_new_tokens=4)
+    assert isinstance(answer, str)
+    prompt = json.loads(processor.apply_chat_template([*history.messages, {"role": "user", "content": "More?"}], add_generation_prompt=True))
+    assert prompt["context"] == f"User: What is <<mask>?\nAI: {escape_markup(answer)}\n"
+
+
+@pytest.mark.parametrize(
+    "conversation, error, message",
+    [
+        (question_chat(None), ValueError, r"Message 0 \(user\), item 1 has text None"),
+        ([{"role": "user", "content": [{"type": "image"}]}], ValueError, r"Message 0 \(user\) has no text"),
+        ([{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Yo"}], ValueError, r"Message 1 has role 'bot'"),
+        ([], ValueError, r"conversation is \[\]"),
+        ([{"role": "user", "content": 5}], TypeError, r"Message 0 \(user\) has content of type int"),
+    ],
+    ids=["text None", "no text", "unknown role", "empty", "content int"],
+)
+def test_malformed_conversations_are_refused(processor, conversation, error, message):
+    with pytest.raises(error, match=message):
+        processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+
+def test_two_threads_sharing_the_model_and_processor_get_the_sequential_answers(model, processor):
+    """Beam search with the folder's cpmbee_decoding and per-prompt ext tables: nothing per request lives on the
+    shared model or processor, so concurrent requests answer as they do one at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    image = str(PARITY_DIR / "vision_image0.png")
+    questions = ["What is it?", "图中是什么？", "Describe the ☃ in it.", "它是什么颜色？", "Is there a 𝔸?", "Why?"]
+    decoding = {"num_beams": 3, "max_new_tokens": 6}
+    sequential = [model.chat(image, question, processor, **decoding)[0] for question in questions]
+    assert len(set(sequential)) > 1
+    requests = questions * 3
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = [pool.submit(model.chat, image, question, processor, **decoding) for question in requests]
+        answers = [future.result(timeout=120)[0] for future in futures]
+    assert answers == sequential * 3
+
+
+def test_the_converted_model_carries_the_originals_context_and_refuses_longer_before_allocating(model, processor):
+    """The original read prompts of at most 3000 tokens and wrote at most 514; a 20,000-character question is
+    refused with that limit, before the prefix-LM attention (20,000^2 biases per head) is built."""
+    import tracemalloc
+
+    assert model.config.text_config.max_position_embeddings == 3514
+    image = str(PARITY_DIR / "vision_image0.png")
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="at most 3514"):
+            model.chat(image, "天" * 20000, processor, num_beams=1, max_new_tokens=4)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 200 * 2**20, f"{peak / 2**20:.0f} MiB traced before the refusal"

@@ -32,6 +32,9 @@ BEIT3_LARGE = {
     "encoder_ffn_embed_dim": 4096, "encoder_layers": 24,
 }  # fmt: skip
 NUM_QUERY_TOKENS = 64
+# The original chat reads prompts of at most 3000 tokens (`max_inp_length`, images included) and writes at most
+# 514 (max_length 512, one more, and `</s>`): the context the released model was run with.
+MAX_PROMPT_TOKENS, MAX_ANSWER_TOKENS = 3000, 514
 # The image placeholder: a vocabulary special that escaped user text never produces; its embedding is replaced by
 # the image features anyway (the original wrote `<unk>`, which also stands for the first unknown string of a text).
 IMAGE_TOKEN, IMAGE_TOKEN_ID = "<mask>", 2
@@ -40,7 +43,10 @@ IMAGE_TOKEN, IMAGE_TOKEN_ID = "<mask>", 2
 def chat_config_from_original(llm: dict | None = None, vision: dict | None = None) -> VisCPMChatConfig:
     return VisCPMChatConfig(
         vision_config=beit3_config_from_original(vision or BEIT3_LARGE, num_query_tokens=NUM_QUERY_TOKENS),
-        text_config=cpmbee_config_from_original(llm or CPMBEE_10B),
+        text_config={
+            **cpmbee_config_from_original(llm or CPMBEE_10B).to_dict(),
+            "max_position_embeddings": MAX_PROMPT_TOKENS + MAX_ANSWER_TOKENS,
+        },
         image_token_id=IMAGE_TOKEN_ID,
         num_query_tokens=NUM_QUERY_TOKENS,
         bridge_type="in_tower",
@@ -132,12 +138,13 @@ def convert_chat(
     processor = build_processor(vocab)
     generation_config = model.generation_config
     generation_config.cpmbee_decoding = {"temperature": 0.7, "repetition_penalty": 1.1}
-    generation_config.max_new_tokens = 514  # the original's max_length 512 admits 513 tokens and then </s>
+    generation_config.max_new_tokens = MAX_ANSWER_TOKENS  # the original's max_length 512 admits 513 tokens, then </s>
 
     with atomic_output_folder(output, overwrite=overwrite) as folder:
         entries = [(new_key, original.shape(key), dtype or original.dtype(key)) for key, new_key in plan]
         write_safetensors_shards(folder, entries, lambda i: original.load(plan[i][0], dtype), parse_size(max_shard_size))
         config.dtype = entries[0][2]
+        config.architectures = [type(model).__name__]  # what `save_pretrained` of the model would write
         config.save_pretrained(folder)
         generation_config.save_pretrained(folder)
         processor.save_pretrained(folder)

@@ -19,8 +19,10 @@ remembers, so `decode` can map them back.
 
 import json
 import os
+from functools import cached_property
 from typing import Literal, NamedTuple
 
+from tokenizers import AddedToken, Tokenizer, decoders, models
 from transformers import BatchEncoding, PreTrainedTokenizer
 
 
@@ -201,6 +203,17 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
 
     def get_vocab(self) -> dict[str, int]:
         return dict(self._ids)
+
+    @cached_property
+    def _tokenizer(self) -> Tokenizer:
+        """A Rust tokenizer that only decodes, as `decode` does without an ext table (vocabulary strings joined).
+
+        `transformers serve` streams a reply through `tokenizer._tokenizer` and `tokenizers.decoders.DecodeStream`,
+        which need a `tokenizers.Tokenizer`; encoding stays in Python (`tokenize_markup`)."""
+        backend = Tokenizer(models.WordLevel(vocab=self.get_vocab(), unk_token=self.unk_token))
+        backend.decoder = decoders.Fuse()
+        backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in self.all_special_tokens])
+        return backend
 
     # Markup level.
 
