@@ -439,3 +439,20 @@ def test_a_forward_on_prompt_ids_without_their_structure_is_refused(text_generat
     parity_model(**inputs)  # with the structure: fine
     with pytest.raises(ValueError, match="no structural inputs"):
         parity_model(input_ids=inputs["input_ids"])
+
+
+@pytest.mark.parametrize(
+    "chat, message",
+    [
+        ([{"role": "bot", "content": "hi"}], "Message 0 has role bot"),
+        ([{"role": "user", "content": [{"type": "text", "text": None}]}], "Message 0, item 0"),
+    ],
+)
+def test_the_tokenizers_own_chat_template_refuses_what_it_would_drop(text_generation_folder, chat, message):
+    """The path of pipeline("text-generation"), which uses the tokenizer's template without the processor."""
+    from jinja2.exceptions import TemplateError
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(text_generation_folder)
+    with pytest.raises(TemplateError, match=message):
+        tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
