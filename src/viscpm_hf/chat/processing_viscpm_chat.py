@@ -145,7 +145,8 @@ class VisCPMChatProcessor(ProcessorMixin):
         check_conversation(conversation)
         if not kwargs.get("sanitize_control_tokens"):
             self.check_no_placeholder_in_text(conversation, chat_template)
-        kwargs.setdefault("prepend_bos", self.tokenizer_prepends_bos)
+        if self.tokenizer_prepends_bos:  # only then: a template without the variable would pass it on to __call__
+            kwargs.setdefault("prepend_bos", True)
         if kwargs.get("tokenize"):
             kwargs["processor_kwargs"] = {"add_special_tokens": False, **(kwargs.get("processor_kwargs") or {})}
         return super().apply_chat_template(conversation, chat_template, **kwargs)
