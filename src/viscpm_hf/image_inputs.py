@@ -70,10 +70,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(data: bytes, source: str) -> Image.Image:
-    """The RGB image encoded in `data` (the bytes of an image file); `source` names where they came from."""
+def decode_image(data: bytes | Path, source: str) -> Image.Image:
+    """The RGB image in `data` (the bytes of an image file, or its path); `source` names where it came from."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
             image.load()
             return to_rgb(image)
     except (UnidentifiedImageError, OSError) as error:
@@ -151,15 +151,7 @@ def open_image(source: str | os.PathLike) -> Image.Image:
             f"Image file not found: {str(path)!r}. Pass the path of an existing image file, a URL, a data URI, "
             "or a PIL.Image."
         )
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return to_rgb(image)
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(
-            f"Cannot read an image from {str(path)!r} ({error}). The file is corrupt or not an image; "
-            "re-save it as PNG or JPEG."
-        ) from error
+    return decode_image(path, repr(str(path)))
 
 
 def load_image(image: Any) -> Image.Image | np.ndarray | torch.Tensor:
