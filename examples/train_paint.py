@@ -3,6 +3,8 @@
 The multilingual LLM (the text encoder) and the VAE stay frozen: no gradients, no optimizer state, and they are
 only placed on the device, never prepared. The transblock and the UNet's cross-attention layers (`attn2`) learn
 from English image-caption pairs; `--train_unet full` trains the whole UNet (small UNets trained from scratch).
+`--lora_rank R` trains a rank-R LoRA of the cross-attention layers instead, with the transblock as loaded: a small
+`pytorch_lora_weights.safetensors` that `pipe.load_lora_weights(output_dir)` puts into the base pipeline.
 The loss is the MSE between the UNet's prediction (noise, or the scheduler's prediction type) and its target on
 VAE latents with uniformly drawn timesteps; `--caption_dropout` replaces captions by "" so that classifier-free
 guidance works at sampling time. The paper trains at 256 x 256, then continues at 512 x 512 from that checkpoint.
@@ -13,8 +15,9 @@ guidance works at sampling time. The paper trains at 256 x 256, then continues a
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 examples/train_paint.py ...   # 2 CPU processes
 
 The result is a pipeline folder: `VisCPMPaintPipeline.from_pretrained(output_dir)`, or
-`DiffusionPipeline.from_pretrained(output_dir)` after `import viscpm_hf`. `train_log.jsonl` holds the loss of every
-step; `checkpoint-N/` folders resume with `--resume_from_checkpoint latest`.
+`DiffusionPipeline.from_pretrained(output_dir)` after `import viscpm_hf` (with `--lora_rank`: the LoRA file, loaded
+into the base pipeline with `load_lora_weights`). `train_log.jsonl` holds the loss of every step; `checkpoint-N/`
+folders resume with `--resume_from_checkpoint latest`.
 """
 
 import argparse
@@ -41,6 +44,9 @@ from accelerate.utils import DistributedType, ProjectConfiguration
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -74,6 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--pretrained_model_name_or_path", required=True, help="A VisCPM-Paint pipeline folder (or Hub id) to start from.")
     add("--train_unet", choices=["attn2", "full"], default="attn2",
         help="attn2: train the UNet's cross-attention layers only (the paper); full: the whole UNet.")
+    add("--lora_rank", type=int, default=None,
+        help="Train a LoRA of this rank on the cross-attention layers (to_q, to_k, to_v, to_out.0 of every attn2) "
+             "instead of the layers themselves; the transblock stays as loaded. The output folder then holds "
+             "pytorch_lora_weights.safetensors, for pipe.load_lora_weights(output_dir) on the base pipeline.")
+    add("--lora_alpha", type=float, default=None,
+        help="LoRA alpha (the update is scaled by alpha / rank); default: the rank, a scale of 1.")
     add("--prediction_type", choices=["epsilon", "v_prediction", "sample"], default=None,
         help="What the UNet predicts (default: the pipeline scheduler's). A new value is saved into the scheduler.")
     # Data
@@ -165,6 +177,16 @@ def check_args(args: argparse.Namespace) -> None:
     for flag in ("resolution", "train_batch_size", "gradient_accumulation_steps", "validation_steps"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"error: --{flag} must be at least 1, got {getattr(args, flag)}.")
+    if args.lora_rank is not None:
+        if args.lora_rank < 1:
+            raise SystemExit(f"error: --lora_rank must be at least 1, got {args.lora_rank}.")
+        if args.train_unet == "full":
+            raise SystemExit(
+                "error: --lora_rank adapts the cross-attention layers and --train_unet full trains every UNet weight: "
+                "pass one of them."
+            )
+    elif args.lora_alpha is not None:
+        raise SystemExit("error: --lora_alpha scales a LoRA: pass --lora_rank too.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise SystemExit("error: --checkpoints_total_limit must be at least 1.")
     resume = args.resume_from_checkpoint
@@ -180,6 +202,15 @@ def check_args(args: argparse.Namespace) -> None:
         args.precompute_text_embeddings = True
     if args.precompute_text_embeddings and args.text_embedding_cache is None:
         args.text_embedding_cache = str(Path(args.output_dir) / "text_embedding_cache")
+
+
+def lora_config(rank: int, alpha: float | None) -> LoraConfig:
+    """A LoRA of the projections of every cross-attention layer, as the paper trains them (`attn2`); the regex is
+    stored with the weights, so `load_lora_weights` rebuilds exactly these adapters."""
+    return LoraConfig(
+        r=rank, lora_alpha=rank if alpha is None else alpha, init_lora_weights="gaussian",
+        target_modules=r".*\.attn2\.(to_q|to_k|to_v|to_out\.0)",
+    )  # fmt: skip
 
 
 def step_generator(seed: int, micro_step: int, process_index: int) -> torch.Generator:
@@ -351,7 +382,7 @@ def register_checkpoint_hooks(accelerator: Accelerator, trained_names: list[str]
                 raise ValueError(
                     f"Checkpoint {input_dir} does not match this run's trained parameters (missing "
                     f"{sorted(trained & set(missing))[:5]}, unexpected {unexpected[:5]}): was it made with another "
-                    "--train_unet?"
+                    "--train_unet or --lora_rank?"
                 )
         if ema is not None:
             if not Path(input_dir, "ema.safetensors").is_file():
@@ -406,8 +437,14 @@ def write_model_card(args, trained_count: int, examples: int, global_step: int, 
     trained = "the transblock and the " + ("UNet's cross-attention layers" if args.train_unet == "attn2" else "whole UNet")
     prompts = "\n".join(f"- `{p}` (validation/final/{i:02d}.png)" for i, p in enumerate(args.validation_prompts or []))
     name = Path(args.output_dir).resolve().name
+    load = f'pipe = VisCPMPaintPipeline.from_pretrained("{name}")'
+    if args.lora_rank:
+        trained = f"rank-{args.lora_rank} LoRA weights of the UNet's cross-attention layers (the transblock is the base's)"
+        load = (f'pipe = VisCPMPaintPipeline.from_pretrained("{args.pretrained_model_name_or_path}")\n'
+                f'pipe.load_lora_weights("{name}")  # its weight per call: cross_attention_kwargs={{"scale": 0.8}}')
     local = Path(args.pretrained_model_name_or_path).exists()
     base_model = "" if local else f"\nbase_model: {args.pretrained_model_name_or_path}"  # Hub ids only
+    lora_tag, kind = ("\n  - lora", "LoRA") if args.lora_rank else ("", "pipeline")
     conditioning_shift = args.conditioning_shift
     if args.conditioning_offsets is not None:
         conditioning_shift = f"rows of {Path(args.conditioning_offsets).name} x {args.conditioning_offsets_scale}"
@@ -418,12 +455,12 @@ tags:
   - viscpm
   - mpm
   - text-to-image
-  - diffusers-training{base_model}
+  - diffusers-training{lora_tag}{base_model}
 ---
 
 # {name}
 
-A VisCPM-Paint pipeline fine-tuned from `{args.pretrained_model_name_or_path}` with `examples/train_paint.py` of
+A VisCPM-Paint {kind} fine-tuned from `{args.pretrained_model_name_or_path}` with `examples/train_paint.py` of
 viscpm-hf, following MPM (arXiv 2308.12038, section 3.3): the multilingual LLM that reads the prompt and the VAE
 stayed frozen, and {trained} were trained ({trained_count:,} parameters) on image-caption pairs. Because the LLM is the
 pivot, prompts in its other languages work too, although the captions were in one language.
@@ -435,7 +472,7 @@ import torch
 import viscpm_hf  # registers the pipeline and its components with diffusers
 from viscpm_hf import VisCPMPaintPipeline
 
-pipe = VisCPMPaintPipeline.from_pretrained("{name}")
+{load}
 image = pipe("a red apple", generator=torch.Generator().manual_seed(0)).images[0]
 ```
 
@@ -531,7 +568,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     text_encoder.requires_grad_(False).eval()
     vae.requires_grad_(False).eval()
     denoiser = PaintDenoiser(pipeline.transblock, pipeline.unet)
-    trained_names = mark_trainable(denoiser, args.train_unet)
+    if args.lora_rank:
+        pipeline.unet.add_adapter(lora_config(args.lora_rank, args.lora_alpha))
+    trained_names = mark_trainable(denoiser, args.train_unet, lora=bool(args.lora_rank))
     if weight_dtype != torch.float32 and accelerator.distributed_type not in SHARDED:
         for parameter in denoiser.unet.parameters():  # frozen UNet weights need no float32 copy
             if not parameter.requires_grad:
@@ -627,7 +666,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     # 7. The loop.
     logger.info(
-        f"Training {sum(p.numel() for p in trained_parameters):,} parameters ({args.train_unet}) for {max_train_steps} "
+        f"Training {sum(p.numel() for p in trained_parameters):,} parameters "
+        f"({f'LoRA rank {args.lora_rank}' if args.lora_rank else args.train_unet}) for {max_train_steps} "
         f"steps: {args.train_batch_size} x {args.gradient_accumulation_steps} x {accelerator.num_processes} per step"
     )
     records_of_run = []
@@ -699,12 +739,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ema.copy_to(trained_parameters)
     state = accelerator.get_state_dict(denoiser)  # every process takes part (DeepSpeed ZeRO-3 gathers here)
     trained_state = {name: state[name].detach().to("cpu") for name in trained_names} if accelerator.is_main_process else {}
+    if args.lora_rank and accelerator.is_main_process:  # the adapter's config and weights, in diffusers' LoRA format
+        unet = accelerator.unwrap_model(denoiser).unet
+        lora_metadata = unet.peft_config["default"].to_dict()
+        unet_state = {name.removeprefix("unet."): value for name, value in trained_state.items()}
+        lora_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, state_dict=unet_state))
+        del unet
     examples, processes = len(dataset), accelerator.num_processes
     del state, denoiser, optimizer, lr_scheduler, train_dataloader, pipeline, text_encoder, vae, caption_encoder
     del ema, trained_parameters, dataset, cache, empty_states
     accelerator.free_memory()
     gc.collect()
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and args.lora_rank:
+        VisCPMPaintPipeline.save_lora_weights(
+            output_dir, unet_lora_layers=lora_layers, unet_lora_adapter_metadata=lora_metadata
+        )
+        write_model_card(args, sum(v.numel() for v in trained_state.values()), examples, global_step, processes)
+        logger.info(f"Saved the LoRA weights to {output_dir}")
+        if args.validation_prompts:  # through load_lora_weights, as users load them
+            final = VisCPMPaintPipeline.from_pretrained(args.pretrained_model_name_or_path)
+            final.load_lora_weights(output_dir)
+            run_validation(final.to(accelerator.device), args, accelerator, global_step, "final", torch.float32)
+    elif accelerator.is_main_process:
         final = VisCPMPaintPipeline.from_pretrained(args.pretrained_model_name_or_path)
         parts = {"unet.": {}, "transblock.": {}}
         for name, value in trained_state.items():

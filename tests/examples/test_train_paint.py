@@ -182,6 +182,42 @@ def test_full_unet_in_bf16_with_gradient_checkpointing(workspace, tmp_path):
     assert all(v.dtype == torch.float32 for v in weights(tmp_path, "unet").values())
 
 
+def test_lora_rank_trains_an_adapter_that_load_lora_weights_applies(workspace, tmp_path):
+    """--lora_rank: only LoRA weights train and are saved; the base pipeline loads them the diffusers way."""
+    run(workspace, tmp_path, *COMMON, "--learning_rate", "1e-2", "--max_train_steps", "4", "--checkpointing_steps", "2",
+        "--lora_rank", "4")  # fmt: skip
+    assert (tmp_path / "pytorch_lora_weights.safetensors").is_file() and not (tmp_path / "unet").exists()
+    saved = load_file(tmp_path / "pytorch_lora_weights.safetensors")
+    assert saved and all(name.startswith("unet.") and ".attn2." in name and "lora" in name for name in saved)
+    checkpoint = load_file(tmp_path / "checkpoint-4" / "model.safetensors")
+    assert checkpoint and all("lora_" in name for name in checkpoint)  # the transblock stays as loaded
+    card = (tmp_path / "README.md").read_text()
+    assert "- lora" in card and "load_lora_weights" in card
+
+    pipe = VisCPMPaintPipeline.from_pretrained(workspace / "model")
+    sample = {"num_inference_steps": 3, "output_type": "np"}
+    base = pipe("a red apple", generator=torch.Generator().manual_seed(0), **sample).images
+    pipe.load_lora_weights(tmp_path)
+    tuned = pipe("a red apple", generator=torch.Generator().manual_seed(0), **sample).images
+    assert np.abs(tuned - base).max() > 1e-3  # four steps of LoRA training change the image
+    off = pipe("a red apple", generator=torch.Generator().manual_seed(0), cross_attention_kwargs={"scale": 0.0}, **sample)
+    np.testing.assert_array_equal(off.images, base)
+    pipe.fuse_lora()
+    fused = pipe("a red apple", generator=torch.Generator().manual_seed(0), **sample).images
+    np.testing.assert_allclose(fused, tuned, atol=1e-4)
+
+    # Resuming a LoRA run continues its trajectory, as a full run does.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "checkpoint-2", resumed / "checkpoint-2")
+    run(workspace, resumed, *COMMON, "--learning_rate", "1e-2", "--max_train_steps", "4", "--checkpointing_steps", "2",
+        "--lora_rank", "4", "--resume_from_checkpoint", "latest")  # fmt: skip
+    assert losses(resumed) == pytest.approx(losses(tmp_path)[2:], abs=1e-6)
+    assert load_file(resumed / "pytorch_lora_weights.safetensors").keys() == saved.keys()
+    for name, value in load_file(resumed / "pytorch_lora_weights.safetensors").items():
+        torch.testing.assert_close(value, saved[name])
+
+
 def test_a_datasets_dataset_with_other_column_names(workspace, tmp_path):
     images = [PILImage.open(workspace / "images" / f"{i}.png") for i in range(4)]
     dataset = Dataset.from_dict({"picture": images, "caption": CAPTIONS[:4]}).cast_column("picture", Image())
@@ -258,6 +294,9 @@ def test_bad_inputs_say_what_to_fix(workspace, tmp_path):
         (None, ["--conditioning_shift", "-1"], "conditioning_shift"),
         (None, ["--conditioning_offsets", str(tmp_path / "none.safetensors")], "is not a file"),
         (None, ["--conditioning_shift", "1", "--conditioning_offsets", __file__], "not both"),
+        (None, ["--lora_rank", "0"], "--lora_rank must be at least 1"),
+        (None, ["--lora_rank", "4", "--train_unet", "full"], "pass one of them"),
+        (None, ["--lora_alpha", "8"], "pass --lora_rank too"),
     ]
     for data, extra, message in cases:
         AcceleratorState._reset_state(reset_partial_state=True)

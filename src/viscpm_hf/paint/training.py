@@ -298,38 +298,21 @@ def pad_text_states(
 
 class CaptionEncoder:
     """Captions -> the frozen LLM's final hidden states, one `(tokens, hidden)` tensor per caption holding its own
-    tokens only: what `VisCPMPaintPipeline.encode_prompt` feeds the transblock (CPM-Bee prompts are built as the
-    pipeline builds them). Other tokenizers truncate at `max_length` (default: the tokenizer's limit, else the
-    encoder's `max_position_embeddings`)."""
+    tokens only: what `VisCPMPaintPipeline.encode_prompt` feeds the transblock (the pipeline's tokenization, so CPM-Bee
+    prompts are built as the original builds them). Captions longer than `max_length` (default: the pipeline's
+    `max_prompt_length`) are truncated as the pipeline truncates prompts, with a warning."""
 
     def __init__(self, pipeline: VisCPMPaintPipeline, max_length: int | None = None):
         self.pipeline, self.tokenizer, self.text_encoder = pipeline, pipeline.tokenizer, pipeline.text_encoder
-        if max_length is None:
-            limit = getattr(self.tokenizer, "model_max_length", None)
-            limit = limit if limit is not None and limit < 1_000_000 else None
-            max_length = limit or getattr(self.text_encoder.config, "max_position_embeddings", None)
-        self.max_length = max_length
+        self.max_length = max_length or pipeline.max_prompt_length
 
     @torch.no_grad()
     def __call__(self, captions: Sequence[str]) -> list[torch.Tensor]:
-        if self.pipeline.faithful_prompts:
-            inputs, mask = self.pipeline._cpmbee_inputs(list(captions), None)
-        else:
-            truncation = {"truncation": True, "max_length": self.max_length} if self.max_length else {}
-            inputs = self.tokenizer(list(captions), padding=True, return_tensors="pt", **truncation)
-            mask = inputs["attention_mask"]
-            inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        inputs, mask = self.pipeline._text_inputs(list(captions), None, self.max_length)
         device = self.text_encoder.device
         hidden = self.text_encoder(**{k: v.to(device) for k, v in inputs.items()}).last_hidden_state
         keep = mask.to(device).bool()
-        states = [hidden[row][keep[row]] for row in range(hidden.shape[0])]
-        empty = [captions[i] for i, s in enumerate(states) if s.shape[0] == 0]
-        if empty:
-            raise ValueError(
-                f"The tokenizer gives no token for {empty[0]!r}; the unconditional branch of classifier-free guidance "
-                "encodes the empty caption, so use a tokenizer that adds a BOS/CLS token."
-            )
-        return states
+        return [hidden[row][keep[row]] for row in range(hidden.shape[0])]
 
     def fingerprint(self) -> str:
         """Identifies the encoder for a cache: its config, tokenizer, truncation and a sample of every weight."""
@@ -486,12 +469,23 @@ class PaintDenoiser(nn.Module):
         )[0]
 
 
-def mark_trainable(denoiser: PaintDenoiser, train_unet: Literal["attn2", "full"] = "attn2") -> list[str]:
+def mark_trainable(
+    denoiser: PaintDenoiser, train_unet: Literal["attn2", "full"] = "attn2", lora: bool = False
+) -> list[str]:
     """Sets `requires_grad`: the transblock always trains; of the UNet, the cross-attention layers (parameter names
-    containing `attn2`) or, with "full", everything. Returns the names of the trained parameters."""
+    containing `attn2`) or, with "full", everything. With `lora`, only the LoRA layers already added to the UNet
+    (`unet.add_adapter`) train, and the transblock stays as loaded, so that the result is a LoRA file that
+    `load_lora_weights` puts into the base pipeline. Returns the names of the trained parameters."""
     if train_unet not in ("attn2", "full"):
         raise ValueError(f"train_unet must be 'attn2' or 'full', got {train_unet!r}.")
     denoiser.requires_grad_(False)
+    if lora:
+        for name, parameter in denoiser.unet.named_parameters():
+            parameter.requires_grad_("lora_" in name)
+        trained = [name for name, parameter in denoiser.named_parameters() if parameter.requires_grad]
+        if not trained:
+            raise ValueError("The UNet has no LoRA layers to train: add them with unet.add_adapter(LoraConfig(...)).")
+        return trained
     denoiser.transblock.requires_grad_(True)
     for name, parameter in denoiser.unet.named_parameters():
         parameter.requires_grad_(train_unet == "full" or "attn2" in name)

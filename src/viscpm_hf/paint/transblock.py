@@ -30,6 +30,23 @@ class VisCPMTransBlock(ModelMixin, ConfigMixin):
 
     _keep_in_fp32_modules = ["projection", "layer_norm"]
 
+    def to(self, *args, **kwargs):
+        """Moves the transblock to a device, but keeps its weights in float32 under a floating-point dtype, as
+        `from_pretrained(dtype=...)` does: `pipe.to(torch.float16)` casts the UNet, VAE and LLM, not the conditioning
+        (the original's transblock runs in float32). `.half()` / `.bfloat16()` still cast it, if that is meant."""
+        kwargs = dict(kwargs)
+        if isinstance(kwargs.get("dtype"), torch.dtype) and kwargs["dtype"].is_floating_point:
+            del kwargs["dtype"]
+        positional = []
+        for arg in args:
+            if isinstance(arg, torch.dtype) and arg.is_floating_point:
+                continue
+            if isinstance(arg, bool):  # to(device, dtype, non_blocking): keep the flag when the dtype goes
+                kwargs["non_blocking"] = arg
+            else:
+                positional.append(arg.device if isinstance(arg, torch.Tensor) else arg)
+        return super().to(*positional, **kwargs) if positional or kwargs else self
+
     @register_to_config
     def __init__(
         self,
