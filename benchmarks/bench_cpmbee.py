@@ -4,21 +4,25 @@ Prints, in one run:
 - decode tokens/s with the KV cache, CpmBeeForCausalLM / LlamaForCausalLM (target ratio >= 0.8);
 - CPM-Bee time per decoded token at sequence lengths 128, 512, 2048 (must grow at most linearly);
 - decode tokens/s with the dynamic cache (eager) and with a static cache and `torch.compile` (`--compile`);
-- peak RSS of `viscpm-convert chat` on a synthetic original-format checkpoint of a few GB, as a ratio to its size.
+- peak RSS of `viscpm-convert chat` on synthetic original-format checkpoints of 2.5 and 10 GB, as a ratio to their
+  size (target for the 10 GB one: <= 0.15x; the released 20.6 GB file should need well under a tenth of its size).
 
 `--real-config` instead builds the released 10B configuration with random weights in bf16 on the GPU and prints
 batch-1 decode tokens/s (dynamic cache; static cache + compile) beside the bandwidth limit (bytes of weights read per
 token / the measured memory bandwidth), and peak memory in bf16 and 4-bit (bitsandbytes NF4). Without a GPU it runs
 the same code at a small size on the CPU and says so.
 
-    python benchmarks/bench_cpmbee.py [--hidden 512] [--layers 8] [--tokens 32] [--convert-gb 2.5] [--skip-convert]
+    python benchmarks/bench_cpmbee.py [--hidden 512] [--layers 8] [--tokens 32] [--convert-gb 2.5 10] [--skip-convert]
+    python benchmarks/bench_cpmbee.py --convert-only
     python benchmarks/bench_cpmbee.py --compile --skip-convert
     python benchmarks/bench_cpmbee.py --real-config
 """
 
 import argparse
 import json
+import math
 import multiprocessing
+import shutil
 import statistics
 import subprocess
 import sys
@@ -177,8 +181,20 @@ def real_scale(args) -> None:
           f"(decode {1 / four_bit:.1f} tok/s)")
 
 
+def file_backed_tensor(path: Path, shape: tuple[int, ...], block: torch.Tensor) -> torch.Tensor:
+    """A float16 tensor whose memory is the file `path` (so that building a 10 GB checkpoint needs no 10 GB of RAM),
+    filled with repeats of `block`: random values, written fast."""
+    numel = math.prod(shape)
+    tensor = torch.from_file(str(path), shared=True, size=numel, dtype=torch.float16)
+    for start in range(0, numel, block.numel()):
+        piece = tensor[start : start + block.numel()]
+        piece.copy_(block[: piece.numel()])
+    return tensor.view(shape)
+
+
 def synthetic_checkpoint(path: Path, size_gb: float) -> dict:
-    """An original-format VisCPM-Chat state dict (fp16) with a CPM-Bee scaled to about `size_gb`."""
+    """An original-format VisCPM-Chat state dict (fp16) with a CPM-Bee scaled to about `size_gb`, saved with
+    `torch.save` (one storage per tensor, as the release) from file-backed tensors."""
     hidden, ff = 2048, 5120
     per_layer = (4 * hidden * hidden + 3 * hidden * ff) * 2
     layers = max(1, int((size_gb * 1e9 - VOCAB * hidden * 2) / per_layer))
@@ -198,10 +214,15 @@ def synthetic_checkpoint(path: Path, size_gb: float) -> dict:
     shapes = {name: tuple(t.shape) for name, t in meta.state_dict().items()}
     state = {}
     original_names = _original_names(llm["num_layers"], vision["encoder_layers"])
-    for original in original_names:
+    scratch = path.parent / "scratch"
+    scratch.mkdir()
+    block = torch.randn(2**25, generator=torch.Generator().manual_seed(0)).half()
+    for index, original in enumerate(original_names):
         new = convert_chat_key(original)
-        state[original] = torch.randn(shapes[new], dtype=torch.float16) if new else torch.zeros(1, dtype=torch.float16)
+        state[original] = file_backed_tensor(scratch / f"{index}.bin", shapes[new] if new else (1,), block)
     torch.save(state, path)
+    del state
+    shutil.rmtree(scratch)
     return {"llm": llm, "vision": vision}
 
 
@@ -229,7 +250,8 @@ def _original_names(llm_layers: int, vision_layers: int) -> list[str]:
     return names
 
 
-def conversion_memory(size_gb: float) -> None:
+def conversion_memory(size_gb: float) -> float:
+    """Converts a synthetic checkpoint of about `size_gb` in a fresh process; prints and returns peak RSS / size."""
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         checkpoint = folder / "viscpm_chat_synthetic.pt"
@@ -252,7 +274,8 @@ def conversion_memory(size_gb: float) -> None:
         seconds = time.perf_counter() - start
         peak = int(result.stdout.split()[-1]) * 1024  # the converter's own peak, in KiB
         print(f"conversion of a {size / 1e9:.2f} GB .pt checkpoint: {seconds:.1f} s, peak RSS {peak / 1e9:.2f} GB "
-              f"= {peak / size:.2f}x the checkpoint size")
+              f"= {peak / size:.3f}x the checkpoint size", flush=True)
+        return peak / size
 
 
 def main() -> None:
@@ -261,8 +284,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--convert-gb", type=float, default=2.5)
+    parser.add_argument("--convert-gb", type=float, nargs="+", default=[2.5, 10.0],
+                        help="sizes of the synthetic checkpoints to convert (each needs about twice its size on disk)")
     parser.add_argument("--skip-convert", action="store_true")
+    parser.add_argument("--convert-only", action="store_true", help="Only the conversion memory.")
     parser.add_argument("--compile", action="store_true", help="Also time a static cache with torch.compile.")
     parser.add_argument("--real-config", action="store_true", help="The released 10B on the GPU (see above).")
     args = parser.parse_args()
@@ -270,11 +295,14 @@ def main() -> None:
     if args.real_config:
         real_scale(args)
         return
-    decode_comparison(args)
-    if args.compile:
-        compile_comparison(args)
+    if not args.convert_only:
+        decode_comparison(args)
+        if args.compile:
+            compile_comparison(args)
     if not args.skip_convert:
-        conversion_memory(args.convert_gb)
+        ratios = {size: conversion_memory(size) for size in args.convert_gb}
+        print("peak RSS / checkpoint size: " + ", ".join(f"{size:g} GB {ratio:.3f}x" for size, ratio in ratios.items())
+              + " (target for 10 GB: <= 0.15x)")
 
 
 if __name__ == "__main__":

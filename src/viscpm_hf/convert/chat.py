@@ -1,9 +1,10 @@
 """Converts a released VisCPM-Chat checkpoint (balance / zhplus, v1 / v1.1) into a transformers folder.
 
 The original file is one flat state dict: `query`, `mapping.{0,2}.*`, `vpm.*` (BEiT-3) and `llm.*` (CPM-Bee).
-Tensors are streamed one at a time into safetensors shards, renamed to the layout of
+Tensors are streamed piece by piece into safetensors shards, renamed to the layout of
 `VisCPMChatForConditionalGeneration`; what inference never uses (the MIM head, BEiT-3's text embedding and mask
-token) is dropped. Every name and shape is checked against the target model before anything is written.
+token) is dropped. The sizes of both towers and of the bridge are read from the tensors' shapes; every name and
+shape is checked against the target model before anything is written.
 """
 
 import json
@@ -17,11 +18,22 @@ from ..chat import VisCPMChatConfig, VisCPMChatForConditionalGeneration, VisCPMC
 from ..cpmbee import CpmBeeTokenizer
 from ..cpmbee.convert_cpmbee import convert_cpmbee_key, cpmbee_config_from_original
 from ..cpmbee.prompt_cpmbee import viscpm_chat_template
-from .checkpoint import OriginalCheckpoint, atomic_output_folder, parse_size, write_safetensors_shards
+from .checkpoint import (
+    FiniteCheck,
+    OriginalCheckpoint,
+    atomic_output_folder,
+    check_floating,
+    parse_size,
+    prepare_output,
+    refuse_output_over_inputs,
+    write_safetensors_shards,
+)
 from .model_card import write_model_card
+from .sizes import merge_sizes, read_beit3_sizes, read_cpmbee_sizes
 
 
-# The original configs (config/cpm-bee-10b.json; BEiT-3 large as VisCPM builds it through torchscale).
+# The released configs (config/cpm-bee-10b.json; BEiT-3 large as VisCPM builds it through torchscale). A conversion
+# reads every size from the checkpoint's shapes; these give only what no shape says (epsilons, the bucket settings).
 CPMBEE_10B = {
     "vocab_size": 86583, "dim_model": 4096, "num_heads": 32, "dim_head": 128, "dim_ff": 10240, "num_layers": 48,
     "position_bias_num_buckets": 256, "position_bias_num_segment_buckets": 256, "position_bias_max_distance": 2048,
@@ -31,7 +43,9 @@ BEIT3_LARGE = {
     "img_size": 224, "patch_size": 16, "encoder_embed_dim": 1024, "encoder_attention_heads": 16,
     "encoder_ffn_embed_dim": 4096, "encoder_layers": 24,
 }  # fmt: skip
-NUM_QUERY_TOKENS = 64
+RELEASED_NUM_QUERY_TOKENS = 64
+# BEiT-3's attention heads are 64 wide in every released size (base 768/12, large 1024/16); no shape tells the count.
+BEIT3_HEAD_WIDTH = 64
 # The original chat reads prompts of at most 3000 tokens (`max_inp_length`, images included) and writes at most
 # 514 (max_length 512, one more, and `</s>`): the context the released model was run with.
 MAX_PROMPT_TOKENS, MAX_ANSWER_TOKENS = 3000, 514
@@ -40,17 +54,43 @@ MAX_PROMPT_TOKENS, MAX_ANSWER_TOKENS = 3000, 514
 IMAGE_TOKEN, IMAGE_TOKEN_ID = "<mask>", 2
 
 
-def chat_config_from_original(llm: dict | None = None, vision: dict | None = None) -> VisCPMChatConfig:
+def chat_config_from_original(
+    llm: dict | None = None, vision: dict | None = None, num_query_tokens: int = RELEASED_NUM_QUERY_TOKENS
+) -> VisCPMChatConfig:
+    """The chat config of complete original configs (default: the release's)."""
     return VisCPMChatConfig(
-        vision_config=beit3_config_from_original(vision or BEIT3_LARGE, num_query_tokens=NUM_QUERY_TOKENS),
+        vision_config=beit3_config_from_original(vision or BEIT3_LARGE, num_query_tokens=num_query_tokens),
         text_config={
             **cpmbee_config_from_original(llm or CPMBEE_10B).to_dict(),
             "max_position_embeddings": MAX_PROMPT_TOKENS + MAX_ANSWER_TOKENS,
         },
         image_token_id=IMAGE_TOKEN_ID,
-        num_query_tokens=NUM_QUERY_TOKENS,
+        num_query_tokens=num_query_tokens,
         bridge_type="in_tower",
     )
+
+
+def original_configs_from_checkpoint(
+    shapes: dict[str, tuple[int, ...]], llm: dict | None = None, vision: dict | None = None, source: str = "the checkpoint"
+) -> tuple[dict, dict, int]:
+    """`(CPM-Bee config, BEiT-3 config, query count)` with every size the shapes tell read from them.
+
+    `llm` and `vision` (possibly partial original configs) give what the shapes do not; a size they give that the
+    shapes contradict raises a ValueError naming both.
+    """
+    llm_config = merge_sizes(read_cpmbee_sizes(shapes), llm, CPMBEE_10B, "--llm-config", source)
+    vision_sizes, num_queries = read_beit3_sizes(shapes)
+    vision_config = merge_sizes(vision_sizes, vision, BEIT3_LARGE, "--vision-config", source)
+    if "encoder_attention_heads" not in (vision or {}):
+        width = vision_config["encoder_embed_dim"]
+        if width % BEIT3_HEAD_WIDTH:
+            raise ValueError(
+                f"The BEiT-3 tower of {source} is {width} wide, not a multiple of the released head width "
+                f"{BEIT3_HEAD_WIDTH}, and its number of attention heads shows in no shape: give it as "
+                '`"encoder_attention_heads"` in --vision-config.'
+            )
+        vision_config["encoder_attention_heads"] = width // BEIT3_HEAD_WIDTH
+    return llm_config, vision_config, num_queries or RELEASED_NUM_QUERY_TOKENS
 
 
 def convert_chat_key(original_key: str) -> str | None:
@@ -79,18 +119,20 @@ def plan_conversion(
     """`(original key, new key)` pairs, after checking names and shapes against `model` (on the meta device)."""
     tied = set(model.all_tied_weights_keys)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in tied}
-    plan, unexpected, wrong_shapes = [], [], []
+    plan, unexpected, wrong_shapes, seen = [], [], [], set()
     for key in checkpoint.keys():
         new_key = convert_chat_key(key)
         if new_key is None:
             continue
         if new_key not in expected:
             unexpected.append(key)
-        elif checkpoint.shape(key) != expected[new_key]:
+            continue
+        seen.add(new_key)
+        if checkpoint.shape(key) != expected[new_key]:
             wrong_shapes.append(f"{key}: {checkpoint.shape(key)} (expected {expected[new_key]})")
         else:
             plan.append((key, new_key))
-    missing = sorted(set(expected) - {new_key for _, new_key in plan} - {convert_chat_key(k) for k in unexpected})
+    missing = sorted(set(expected) - seen)  # a misshapen key is listed as misshapen only
     problems = []
     if missing:
         problems.append(f"missing keys ({len(missing)}): {missing[:10]}")
@@ -106,15 +148,25 @@ def plan_conversion(
     return plan
 
 
-def build_processor(vocab: str | os.PathLike) -> VisCPMChatProcessor:
+def build_processor(
+    vocab: str | os.PathLike, num_image_tokens: int = RELEASED_NUM_QUERY_TOKENS, image_size: int = 224
+) -> VisCPMChatProcessor:
     tokenizer = CpmBeeTokenizer(vocab_file=str(vocab), prompt_format="structured")
     return VisCPMChatProcessor(
-        image_processor=paper_image_processor(224),
+        image_processor=paper_image_processor(image_size),
         tokenizer=tokenizer,
         chat_template=viscpm_chat_template(),
         image_token=IMAGE_TOKEN,
-        num_image_tokens=NUM_QUERY_TOKENS,
+        num_image_tokens=num_image_tokens,
     )
+
+
+def check_vocabulary(tokenizer: CpmBeeTokenizer, vocab: str | os.PathLike, vocab_size: int, source) -> None:
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(
+            f"The vocabulary {str(vocab)!r} has {tokenizer.vocab_size} entries but the embedding of {str(source)!r} only "
+            f"{vocab_size} rows: pass the vocabulary the checkpoint was trained with (the original vocabs/bee.txt)."
+        )
 
 
 def convert_chat(
@@ -126,23 +178,43 @@ def convert_chat(
     dtype: torch.dtype | None = None,
     max_shard_size: str | int = "1GB",
     overwrite: bool = False,
+    check: bool = False,
 ) -> Path:
-    """Writes a complete `AutoModelForImageTextToText` folder; returns its path."""
+    """Writes a complete `AutoModelForImageTextToText` folder; returns its path.
+
+    `llm_config` / `vision_config` (original config keys) are needed only for what the checkpoint's shapes do not
+    tell; `check` refuses, listing them, tensors holding NaN or infinite values (after the cast to `dtype`).
+    """
     if not Path(vocab).is_file():
         raise FileNotFoundError(f"Vocabulary not found: {str(vocab)!r} (the original vocabs/bee.txt).")
+    refuse_output_over_inputs(output, [checkpoint, vocab])
+    prepare_output(output, overwrite)
     original = OriginalCheckpoint(checkpoint)
-    config = chat_config_from_original(llm_config, vision_config)
+    llm, vision, num_queries = original_configs_from_checkpoint(
+        original.shapes(), llm_config, vision_config, source=repr(str(checkpoint))
+    )
+    config = chat_config_from_original(llm, vision, num_queries)
     with torch.device("meta"):
         model = VisCPMChatForConditionalGeneration(config)
     plan = plan_conversion(original, model)
-    processor = build_processor(vocab)
+    check_floating(original, [key for key, _ in plan])
+    processor = build_processor(vocab, num_queries, config.vision_config.image_size)
+    check_vocabulary(processor.tokenizer, vocab, config.text_config.vocab_size, checkpoint)
     generation_config = model.generation_config
     generation_config.cpmbee_decoding = {"temperature": 0.7, "repetition_penalty": 1.1}
     generation_config.max_new_tokens = MAX_ANSWER_TOKENS  # the original's max_length 512 admits 513 tokens, then </s>
 
+    finite = FiniteCheck() if check else None
+
+    def read(index: int):
+        pieces = original.chunks(plan[index][0], dtype)
+        return finite.watch(plan[index][0], pieces) if finite else pieces
+
     with atomic_output_folder(output, overwrite=overwrite) as folder:
         entries = [(new_key, original.shape(key), dtype or original.dtype(key)) for key, new_key in plan]
-        write_safetensors_shards(folder, entries, lambda i: original.load(plan[i][0], dtype), parse_size(max_shard_size))
+        write_safetensors_shards(folder, entries, read, parse_size(max_shard_size))
+        if finite:
+            finite.raise_if_any(checkpoint, dtype)
         config.dtype = entries[0][2]
         config.architectures = [type(model).__name__]  # what `save_pretrained` of the model would write
         config.save_pretrained(folder)

@@ -2,13 +2,20 @@
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
 import torch
 
+from .checkpoint import refuse_output_over_inputs
+
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+CHECK_HELP = (
+    "check every tensor (after --dtype's cast) for NaN and infinite values; if any has some, list them, write nothing "
+    "and exit 1"
+)
 
 
 def read_json(path: str | None) -> dict | None:
@@ -30,11 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--checkpoint", required=True, help="original .pt / .bin / .safetensors file")
     chat.add_argument("--vocab", required=True, help="the original CPM-Bee vocabulary (vocabs/bee.txt)")
     chat.add_argument("--output", required=True, help="folder to create")
-    chat.add_argument("--llm-config", help="original CPM-Bee config JSON (default: CPM-Bee 10B)")
-    chat.add_argument("--vision-config", help="original BEiT-3 config JSON (torchscale keys; default: large)")
+    chat.add_argument(
+        "--llm-config",
+        help="original CPM-Bee config JSON; sizes are read from the checkpoint, this gives the rest (default: 10B's)",
+    )
+    chat.add_argument(
+        "--vision-config",
+        help="original BEiT-3 config JSON (torchscale keys); sizes are read from the checkpoint, this gives the rest "
+        "(default: large's; attention heads 64 wide)",
+    )
     chat.add_argument("--dtype", choices=list(DTYPES), help="cast the weights (default: keep the checkpoint's)")
     chat.add_argument("--max-shard-size", default="1GB", help="largest safetensors shard (default 1GB)")
     chat.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    chat.add_argument("--check", action="store_true", help=CHECK_HELP)
 
     paint = commands.add_parser("paint", help="VisCPM-Paint (CPM-Bee + transblock + SD-2.1 UNet) -> diffusers pipeline folder")
     paint.add_argument("--checkpoint", required=True, help="original .pt / .bin / .safetensors file")
@@ -43,21 +58,49 @@ def build_parser() -> argparse.ArgumentParser:
         "--vae", required=True, help="local diffusers VAE folder: the vae/ folder of stabilityai/stable-diffusion-2-1-base"
     )
     paint.add_argument("--output", required=True, help="folder to create")
-    paint.add_argument("--llm-config", help="original CPM-Bee config JSON (default: CPM-Bee 10B)")
-    paint.add_argument("--unet-config", help="diffusers UNet2DConditionModel config.json (default: SD-2.1-base)")
+    paint.add_argument(
+        "--llm-config",
+        help="original CPM-Bee config JSON; sizes are read from the checkpoint, this gives the rest (default: 10B's)",
+    )
+    paint.add_argument(
+        "--unet-config",
+        help="diffusers UNet2DConditionModel config.json; channels and blocks are read from the checkpoint, this "
+        "gives the rest (default: SD-2.1-base's)",
+    )
     paint.add_argument(
         "--dtype", choices=list(DTYPES), help="cast text encoder, UNet and VAE (default: keep the files'); transblock stays float32"
     )
     paint.add_argument("--max-shard-size", default="1GB", help="largest safetensors shard (default 1GB)")
     paint.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    paint.add_argument("--check", action="store_true", help=CHECK_HELP)
     return parser
+
+
+class NotesToStderr(logging.Handler):
+    """Prints what the conversion reports on the way (leftovers of interrupted runs cleaned or kept) to stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"note: {record.getMessage()}", file=sys.stderr)  # the stderr of the moment, not of the first call
+
+
+def show_notes() -> None:
+    logger = logging.getLogger("viscpm_hf.convert")
+    if not any(isinstance(handler, NotesToStderr) for handler in logger.handlers):
+        logger.addHandler(NotesToStderr())
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    common = {"dtype": DTYPES.get(args.dtype), "max_shard_size": args.max_shard_size, "overwrite": args.overwrite}
+    common = {
+        "dtype": DTYPES.get(args.dtype), "max_shard_size": args.max_shard_size, "overwrite": args.overwrite,
+        "check": args.check,
+    }  # fmt: skip
+    show_notes()
     llm_config = read_json(args.llm_config)
     try:
+        # The converters protect their weights and vocabulary; the config files are inputs too.
+        configs = [args.llm_config, getattr(args, "vision_config", None), getattr(args, "unet_config", None)]
+        refuse_output_over_inputs(args.output, configs)
         if args.command == "chat":
             from .chat import convert_chat
 
@@ -68,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
             unet_config = read_json(args.unet_config)
             output = convert_paint(args.checkpoint, args.vocab, args.vae, args.output, llm_config, unet_config, **common)
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
+    except (OSError, ValueError) as error:  # missing or unwritable paths, and every refused input
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"wrote {output}")

@@ -3,8 +3,9 @@
 The original file is one flat state dict: `llm.*` (CPM-Bee, the text encoder), `unet.*` (a Stable Diffusion 2.1-base
 UNet under diffusers names) and `trans_block.*` (LLM width -> cross-attention width). The VAE is not in it: it is
 SD-2.1-base's, read from a local diffusers `vae/` folder. Every tensor is streamed into the safetensors shards of
-its component; names and shapes are checked against the components built on the meta device before anything is
-written, and the folder appears only once complete.
+its component. The sizes of the text encoder and the UNet are read from the tensors' shapes (the VAE's are checked
+against its config.json); names and shapes are checked against the components built on the meta device before
+anything is written, and the folder appears only once complete.
 """
 
 import json
@@ -21,12 +22,23 @@ from ..cpmbee import CpmBeeModel, CpmBeeTokenizer
 from ..cpmbee.configuration_cpmbee import CpmBeeConfig
 from ..cpmbee.convert_cpmbee import convert_cpmbee_key, cpmbee_config_from_original
 from ..paint.transblock import VisCPMTransBlock
-from .chat import CPMBEE_10B
-from .checkpoint import OriginalCheckpoint, atomic_output_folder, parse_size, write_safetensors_shards
+from .chat import CPMBEE_10B, check_vocabulary
+from .checkpoint import (
+    FiniteCheck,
+    OriginalCheckpoint,
+    atomic_output_folder,
+    check_floating,
+    parse_size,
+    prepare_output,
+    refuse_output_over_inputs,
+    write_safetensors_shards,
+)
 from .model_card import write_model_card
+from .sizes import merge_sizes, read_cpmbee_sizes, read_unet_sizes, read_vae_sizes
 
 
-# stabilityai/stable-diffusion-2-1-base unet/config.json (512 px); the released UNet weights have this layout.
+# stabilityai/stable-diffusion-2-1-base unet/config.json (512 px); the released UNet weights have this layout. A
+# conversion reads the channels, blocks and cross-attention width from the checkpoint; the rest comes from here.
 SD21_BASE_UNET = {
     "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
     "block_out_channels": [320, 640, 1280, 1280],
@@ -46,6 +58,8 @@ SD21_BASE_SCHEDULER = {
 # Not DDPM settings, but kept in its config so that `DDIMScheduler.from_config(...)` / PNDM get SD-2.1's values
 # (DDIM's default set_alpha_to_one=True would change the last step).
 SD21_BASE_SCHEDULER_EXTRAS = {"set_alpha_to_one": False, "skip_prk_steps": True}
+# SD-2.x attention heads are 64 wide (`attention_head_dim` [5, 10, 20, 20] counts heads, for widths 320 ... 1280).
+UNET_HEAD_WIDTH = 64
 VAE_SCALING_FACTOR = 0.18215  # the SD-2.1 VAE the UNet was trained with
 TRANSBLOCK_KEYS = {
     "trans_block.w_out_res.weight": "projection.weight",
@@ -83,6 +97,21 @@ def text_encoder_config(llm: dict | None = None) -> CpmBeeConfig:
     config = cpmbee_config_from_original(llm or CPMBEE_10B)
     config.architectures = ["CpmBeeModel"]
     config.use_cache = False  # an encoder: one forward per prompt, nothing to continue
+    return config
+
+
+def unet_config_from_checkpoint(shapes: dict[str, tuple[int, ...]], given: dict | None, source: str) -> dict:
+    """The UNet config: SD-2.1-base's, then `given` (--unet-config), then the sizes the `unet.*` shapes tell."""
+    config = merge_sizes(read_unet_sizes(shapes, prefix="unet."), given, SD21_BASE_UNET, "--unet-config", source)
+    if not {"attention_head_dim", "num_attention_heads"} & set(given or {}):
+        widths = config["block_out_channels"]
+        if any(width % UNET_HEAD_WIDTH for width in widths):
+            raise ValueError(
+                f"The UNet of {source} has blocks {list(widths)} wide, not multiples of SD-2.1's head width "
+                f"{UNET_HEAD_WIDTH}, and its attention heads show in no shape: give `attention_head_dim` in "
+                "--unet-config (a diffusers unet/config.json)."
+            )
+        config["attention_head_dim"] = [width // UNET_HEAD_WIDTH for width in widths]
     return config
 
 
@@ -125,12 +154,17 @@ def find_vae(path: str | os.PathLike) -> tuple[Path, Path]:
     return folder, weights
 
 
-def build_vae(folder: Path, unet: UNet2DConditionModel) -> AutoencoderKL:
-    """The VAE of `folder/config.json` on the meta device, after checking it suits the UNet and the original."""
+def build_vae(
+    folder: Path, unet: UNet2DConditionModel, shapes: dict[str, tuple[int, ...]] | None = None
+) -> AutoencoderKL:
+    """The VAE of `folder/config.json` on the meta device, after checking it suits the UNet and the original, and
+    that its sizes agree with the weights' `shapes` if given."""
     try:
         config = AutoencoderKL.load_config(folder)
     except (OSError, ValueError) as error:
         raise ValueError(f"{str(folder / 'config.json')!r} is not a readable diffusers config ({error}).") from error
+    if shapes is not None:
+        config = merge_sizes(read_vae_sizes(shapes), config, {}, f"{str(folder / 'config.json')!r}", "its weights")
     class_name = config.get("_class_name", "AutoencoderKL")
     if class_name != "AutoencoderKL":
         raise ValueError(f"{str(folder)!r} holds a {class_name}, not an AutoencoderKL. {SD21_VAE_HINT}")
@@ -221,19 +255,29 @@ def convert_paint(
     dtype: torch.dtype | None = None,
     max_shard_size: str | int = "1GB",
     overwrite: bool = False,
+    check: bool = False,
 ) -> Path:
     """Writes a complete `VisCPMPaintPipeline` folder; returns its path.
 
     `dtype` casts the text encoder, UNet and VAE (default: keep each file's: float16 LLM, float32 UNet and VAE);
-    the transblock stays float32, as the original keeps it.
+    the transblock stays float32, as the original keeps it. `llm_config` (original keys) and `unet_config` (a
+    diffusers UNet config) are needed only for what the shapes do not tell. `check` refuses, listing them, tensors
+    holding NaN or infinite values.
     """
-    original = OriginalCheckpoint(checkpoint)
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"Checkpoint not found: {str(checkpoint)!r}.")
     if not Path(vocab).is_file():
         raise FileNotFoundError(f"Vocabulary not found: {str(vocab)!r} (the original vocabs/bee.txt).")
     vae_folder, vae_weights = find_vae(vae)
-    text_config = text_encoder_config(llm_config)
-    unet = build_unet(unet_config)
-    vae_model = build_vae(vae_folder, unet)
+    refuse_output_over_inputs(output, [checkpoint, vocab, vae, vae_folder])
+    prepare_output(output, overwrite)
+    original = OriginalCheckpoint(checkpoint)
+    shapes, source = original.shapes(), repr(str(checkpoint))
+    llm_sizes = merge_sizes(read_cpmbee_sizes(shapes), llm_config, CPMBEE_10B, "--llm-config", source)
+    text_config = text_encoder_config(llm_sizes)
+    unet = build_unet(unet_config_from_checkpoint(shapes, unet_config, source))
+    vae_source = OriginalCheckpoint(vae_weights)
+    vae_model = build_vae(vae_folder, unet, {convert_vae_key(k)[1]: v for k, v in vae_source.shapes().items()})
     with torch.device("meta"):
         text_encoder = CpmBeeModel(text_config)
         transblock = VisCPMTransBlock(
@@ -246,16 +290,19 @@ def convert_paint(
     if any(key.startswith("vpm.") for key in original.keys()):
         hint += " It holds a vision tower (vpm.*): a VisCPM-Chat checkpoint converts with `viscpm-convert chat`."
     plan = plan_conversion(original, {"text_encoder": text_encoder, "transblock": transblock, "unet": unet}, hint=hint)
-    vae_source = OriginalCheckpoint(vae_weights)
     vae_plan = plan_conversion(
         vae_source,
         {"vae": vae_model},
         convert_vae_key,
         hint=f" for the AutoencoderKL of its config.json. {SD21_VAE_HINT}",
     )
+    check_floating(original, [key for pairs in plan.values() for key, _ in pairs])
+    check_floating(vae_source, [key for key, _ in vae_plan["vae"]])
     tokenizer = CpmBeeTokenizer(vocab_file=str(vocab))
+    check_vocabulary(tokenizer, vocab, text_config.vocab_size, checkpoint)
     max_shard_bytes = parse_size(max_shard_size)
     sources = {"text_encoder": original, "transblock": original, "unet": original, "vae": vae_source}
+    finite = FiniteCheck() if check else None
 
     with atomic_output_folder(output, overwrite=overwrite) as folder:
         written = {}
@@ -264,14 +311,16 @@ def convert_paint(
             cast = torch.float32 if component == "transblock" else dtype
             entries = [(new_key, source.shape(key), cast or source.dtype(key)) for key, new_key in pairs]
             (folder / component).mkdir()
-            write_safetensors_shards(
-                folder / component,
-                entries,
-                lambda i, pairs=pairs, entries=entries, source=source: source.load(pairs[i][0], entries[i][2]),
-                max_shard_bytes,
-                prefix=WEIGHTS_PREFIX[component],
-            )
+
+            def read(i, pairs=pairs, entries=entries, source=source, component=component):
+                pieces = source.chunks(pairs[i][0], entries[i][2])
+                name = pairs[i][0] if component != "vae" else f"{vae_weights.name}: {pairs[i][0]}"
+                return finite.watch(name, pieces) if finite else pieces
+
+            write_safetensors_shards(folder / component, entries, read, max_shard_bytes, prefix=WEIGHTS_PREFIX[component])
             written[component] = entries
+        if finite:
+            finite.raise_if_any(checkpoint, dtype)
         text_config.dtype = written["text_encoder"][0][2]
         text_config.save_pretrained(folder / "text_encoder")
         for component, model in (("transblock", transblock), ("unet", unet), ("vae", vae_model)):

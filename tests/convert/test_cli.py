@@ -1,0 +1,159 @@
+"""`viscpm-convert` as a user runs it: what it refuses, what it reports, and that it never destroys an input."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from parity import PARITY_DIR, json_file, require_parity
+from safetensors.torch import load_file, save_file
+
+from viscpm_hf.convert.cli import main
+
+
+@pytest.fixture(scope="module")
+def chat_weights() -> dict:
+    return load_file(require_parity() / "viscpm_chat_tiny.safetensors")
+
+
+@pytest.fixture
+def release(tmp_path):
+    """A folder as a user downloads it: the checkpoint, its configs and a file of theirs."""
+    folder = tmp_path / "release"
+    folder.mkdir()
+    shutil.copy(PARITY_DIR / "viscpm_chat_tiny.safetensors", folder / "viscpm_chat.safetensors")
+    configs = json_file("configs.json")
+    (folder / "llm.json").write_text(json.dumps(configs["cpmbee_tiny"]))
+    (folder / "vision.json").write_text(json.dumps(configs["beit3_tiny"]))
+    (folder / "notes.txt").write_text("user data")
+    return folder
+
+
+def chat_args(checkpoint, output, *extra, configs=None) -> list[str]:
+    configs = configs or checkpoint.parent
+    return ["chat", "--checkpoint", str(checkpoint), "--vocab", str(PARITY_DIR / "cpmbee_vocab.txt"), "--output",
+            str(output), "--llm-config", str(configs / "llm.json"), "--vision-config", str(configs / "vision.json"),
+            *extra]  # fmt: skip
+
+
+def contents(folder) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["the checkpoint's folder", "a folder above it", "a link to it"])
+def test_overwrite_onto_the_folder_holding_the_checkpoint_is_refused_and_deletes_nothing(tmp_path, release, capsys, where):
+    output = {"the checkpoint's folder": release, "a folder above it": tmp_path, "a link to it": tmp_path / "link"}[where]
+    (tmp_path / "link").symlink_to(release)
+    before = contents(release)
+    assert main(chat_args(release / "viscpm_chat.safetensors", output, "--overwrite")) == 1
+    assert "holds the input" in capsys.readouterr().err
+    assert contents(release) == before
+
+
+def test_a_config_file_inside_the_output_is_protected_too(tmp_path, release, capsys):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    for name in ("llm.json", "vision.json"):
+        shutil.move(release / name, configs / name)
+    assert main(chat_args(release / "viscpm_chat.safetensors", configs, "--overwrite", configs=configs)) == 1
+    assert "holds the input" in capsys.readouterr().err and (configs / "llm.json").is_file()
+
+
+def test_an_output_next_to_the_checkpoint_is_fine(release):
+    assert main(chat_args(release / "viscpm_chat.safetensors", release / "converted")) == 0
+    assert (release / "converted" / "model.safetensors").is_file() and (release / "notes.txt").is_file()
+
+
+def test_an_output_that_is_a_file_is_an_error_not_a_traceback(release, capsys):
+    assert main(chat_args(release / "viscpm_chat.safetensors", release / "notes.txt", "--overwrite")) == 1
+    assert "is the input" not in (err := capsys.readouterr().err) and "is a file, not a folder" in err
+    assert main(chat_args(release / "viscpm_chat.safetensors", release / "notes.txt" / "out")) == 1
+    assert "notes.txt' is a file" in capsys.readouterr().err
+    assert (release / "notes.txt").read_text() == "user data"
+
+
+def test_a_key_that_is_not_a_string_is_an_error_not_a_traceback(tmp_path, release, chat_weights, capsys):
+    torch.save({**chat_weights, 7: torch.zeros(1)}, tmp_path / "odd.pt")
+    assert main(chat_args(tmp_path / "odd.pt", tmp_path / "out", configs=release)) == 1
+    assert "1 keys that are not strings: 7 (int)" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_complex_tensor_is_an_error_not_a_traceback(tmp_path, release, chat_weights, capsys):
+    save_file({**chat_weights, "mapping.0.bias": torch.zeros(64, dtype=torch.complex64)}, str(tmp_path / "odd.safetensors"))
+    assert main(chat_args(tmp_path / "odd.safetensors", tmp_path / "out", configs=release)) == 1
+    assert "['mapping.0.bias: dtype C64']" in capsys.readouterr().err
+
+
+def test_integer_weights_are_refused(tmp_path, release, chat_weights, capsys):
+    save_file({**chat_weights, "mapping.0.bias": torch.zeros(64, dtype=torch.int32)}, str(tmp_path / "int.safetensors"))
+    assert main(chat_args(tmp_path / "int.safetensors", tmp_path / "out", configs=release)) == 1
+    assert "stores 1 weights as integers or booleans: ['mapping.0.bias: int32']" in capsys.readouterr().err
+
+
+def test_check_refuses_non_finite_weights_and_keeps_the_old_output(tmp_path, release, chat_weights, capsys):
+    weights = dict(chat_weights)
+    weights["llm.encoder.layers.1.ffn.ffn.w_out.weight"] = weights["llm.encoder.layers.1.ffn.ffn.w_out.weight"].clone()
+    weights["llm.encoder.layers.1.ffn.ffn.w_out.weight"][0, :3] = float("nan")
+    weights["mapping.2.bias"] = torch.full((64,), float("-inf"))
+    save_file(weights, str(tmp_path / "nan.safetensors"))
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "previous.txt").write_text("previous conversion")
+    assert main(chat_args(tmp_path / "nan.safetensors", output, "--overwrite", "--check", configs=release)) == 1
+    err = capsys.readouterr().err
+    assert "--check: 2 tensors" in err and "Nothing was written" in err
+    assert "'llm.encoder.layers.1.ffn.ffn.w_out.weight: 3 NaN, 0 inf of 8192'" in err
+    assert "'mapping.2.bias: 0 NaN, 64 inf of 64'" in err
+    assert contents(output) == {"previous.txt": b"previous conversion"}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    # Without --check the same file converts, as any other does.
+    assert main(chat_args(tmp_path / "nan.safetensors", output, "--overwrite", configs=release)) == 0
+    assert load_file(output / "model.safetensors")["model.bridge.mapping.linear_2.bias"].isinf().all()
+
+
+def test_check_passes_a_finite_checkpoint(tmp_path, release, capsys):
+    assert main(chat_args(release / "viscpm_chat.safetensors", tmp_path / "out", "--check")) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'out'}"
+
+
+def test_the_leftovers_of_a_dead_run_are_cleaned_and_said(tmp_path, release, capsys):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    partial = tmp_path / f".out.partial-{pid}"
+    partial.mkdir()
+    (partial / "model-00001-of-00009.safetensors").write_bytes(b"\0" * 100)
+    assert main(chat_args(release / "viscpm_chat.safetensors", tmp_path / "out")) == 0
+    assert f"note: removed .out.partial-{pid}, left by a conversion that did not finish (process {pid})" in capsys.readouterr().err
+    assert not partial.exists()
+
+
+def test_paint_refuses_an_output_inside_the_vae_folder(tmp_path, capsys):
+    vae = tmp_path / "vae"
+    shutil.copytree(PARITY_DIR / "paint_tiny" / "vae", vae)
+    args = ["paint", "--checkpoint", str(PARITY_DIR / "viscpm_paint_tiny.safetensors"), "--vocab",
+            str(PARITY_DIR / "cpmbee_vocab.txt"), "--vae", str(vae), "--output", str(vae / "pipeline")]  # fmt: skip
+    assert main(args) == 1
+    assert "lies inside the input folder" in capsys.readouterr().err and not (vae / "pipeline").exists()
+
+
+def test_paint_check_names_the_non_finite_unet_and_vae_tensors(tmp_path, chat_weights, capsys):
+    weights = {k: v for k, v in chat_weights.items() if k.startswith("llm.")}
+    weights.update(load_file(PARITY_DIR / "viscpm_paint_tiny.safetensors"))
+    weights["unet.conv_in.bias"] = torch.full_like(weights["unet.conv_in.bias"], float("nan"))
+    save_file(weights, str(tmp_path / "paint.safetensors"))
+    vae = tmp_path / "vae"
+    shutil.copytree(PARITY_DIR / "paint_tiny" / "vae", vae)
+    vae_weights = load_file(vae / "diffusion_pytorch_model.safetensors")
+    vae_weights["decoder.conv_out.bias"] = torch.full_like(vae_weights["decoder.conv_out.bias"], float("inf"))
+    save_file(vae_weights, str(vae / "diffusion_pytorch_model.safetensors"))
+    args = ["paint", "--checkpoint", str(tmp_path / "paint.safetensors"), "--vocab", str(PARITY_DIR / "cpmbee_vocab.txt"),
+            "--vae", str(vae), "--output", str(tmp_path / "out"), "--unet-config",
+            str(PARITY_DIR / "paint_tiny" / "unet" / "config.json"), "--check"]  # fmt: skip
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "--check: 2 tensors" in err and "'unet.conv_in.bias: 32 NaN, 0 inf of 32'" in err
+    assert "'diffusion_pytorch_model.safetensors: decoder.conv_out.bias: 0 NaN, 3 inf of 3'" in err
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
