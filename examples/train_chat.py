@@ -2,36 +2,67 @@
 
 Stage 1, `--stage pretrain`: the LLM stays frozen and the vision side (bridge, and the vision tower unless
 `--tune_vision false`) learns from image-caption pairs; the loss covers the captions only.
-Stage 2, `--stage sft`: instruction tuning of the bridge and the LLM (`--tune_vision`, `--tune_llm`, or `--lora`),
-with the loss on every assistant turn of multi-turn conversations, never on prompts, image or padding tokens.
+Stage 2, `--stage sft`: instruction tuning of the bridge and the LLM (`--tune_vision`, `--tune_llm`, `--lora` or
+`--qlora`), with the loss on every assistant turn of multi-turn conversations, never on prompts, image or padding.
+
+The LLM is any causal LM, or CPM-Bee, the paper's own (a folder from `viscpm-convert chat`). On CPM-Bee the prompt
+is the original's structure (image, context, question, answer; prompt bidirectional, answer causal); each assistant
+turn becomes one example whose earlier turns are its context, and `CpmBeeChatCollator` puts the loss on exactly the
+answer tokens and their `</s>` (see `viscpm_hf/chat/training.py`).
 
 Data: LLaVA-style conversation JSON, caption JSON/CSV (`image`, `caption`), or a local `datasets` dataset with
 image and text columns; images are resolved against `--image_folder`. `--target_language_data` and
 `--target_language_ratio` mix in translated data as the paper does.
 
     python examples/train_chat.py --model_name_or_path DIR --stage pretrain --data captions.json \\
-        --image_folder images/ --output_dir out/ --max_steps 1000
-    accelerate launch --config_file examples/configs/deepspeed_zero2.yaml examples/train_chat.py ...   # multi-GPU
+        --image_folder images/ --output_dir run/ --max_steps 1000
+    accelerate launch --config_file examples/configs/deepspeed_zero2_chat.yaml examples/train_chat.py ...   # multi-GPU
+
+Outputs, in `--output_dir`: `model/` (what to load or upload: safetensors, configs, processor files and a model card;
+with `--lora` and no `--merge_adapters`, the adapter), `train_log.json`, `training_args.json`, and the resumable
+`checkpoint-N/` folders beside it. `--resume_from_checkpoint latest` continues from the newest complete checkpoint;
+half-written ones (a crash during a save) are reported and set aside.
 
 Any `SFTConfig` / `TrainingArguments` flag works too (`--learning_rate`, `--save_steps`, `--bf16`, ...).
 """
 
 import json
+import logging
 import os
+import re
+import shutil
 import sys
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Literal
 
 import torch
+from accelerate import PartialState
 from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser
 from trl import SFTConfig, SFTTrainer
 
 import viscpm_hf  # noqa: F401  (registers the VisCPM classes)
-from viscpm_hf.data import caption_dataset, conversation_dataset, image_text_dataset, mix_languages
+from viscpm_hf.chat.training import (
+    CompleteCheckpoints,
+    CpmBeeChatCollator,
+    ModelLossSFTTrainer,
+    checkpoint_problem,
+    fsdp_wrap_classes,
+    is_structured_chat,
+    latest_complete_checkpoint,
+    write_json_atomically,
+)
+from viscpm_hf.data import caption_dataset, conversation_dataset, image_text_dataset, mix_languages, split_assistant_turns
 
+
+logger = logging.getLogger("train_chat")
 
 LLM_PROJECTIONS = r".*\.llm\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# Module names kept in full precision under --qlora. bitsandbytes' skip list matches a name from the start up to a
+# module boundary (or as a suffix), so these exact names cover their submodules and nothing else.
+QLORA_FULL_PRECISION = ("model.vision_tower", "model.bridge", "model.llm.lm_head")
+EXPORT_FOLDER = "model"
 
 
 @dataclass
@@ -62,8 +93,14 @@ class ScriptArguments:
     )
     tune_vision: bool = field(default=True, metadata={"help": "Train the vision tower too (the bridge always trains)."})
     tune_llm: bool = field(default=True, metadata={"help": "sft only: train the LLM (frozen in pretrain)."})
-    lora: bool = field(default=False, metadata={"help": "sft only: LoRA on the LLM's projections; the bridge trains fully."})
-    qlora: bool = field(default=False, metadata={"help": "LoRA over a 4-bit LLM (needs bitsandbytes and a GPU)."})
+    lora: bool = field(
+        default=False, metadata={"help": "sft only: LoRA on the LLM's projections; the bridge trains fully."}
+    )
+    qlora: bool = field(
+        default=False,
+        metadata={"help": "LoRA over the LLM's Linears quantized to 4 bits (NF4, bitsandbytes); vision tower, bridge "
+                  "and head stay in full precision."},
+    )  # fmt: skip
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
@@ -116,34 +153,72 @@ def check_arguments(args: ScriptArguments, training: SFTConfig) -> None:
         raise SystemExit("error: pass --data (conversations, captions, or a datasets folder).")
     if args.stage == "pretrain" and args.lora:
         raise SystemExit("error: --lora trains the LLM, which stage pretrain keeps frozen; use --stage sft.")
-    if args.qlora and not (torch.cuda.is_available() and _has_bitsandbytes()):
-        raise SystemExit("error: --qlora needs bitsandbytes and a CUDA GPU; use --lora on this machine.")
+    if args.qlora:
+        problem = qlora_problem(training.device)
+        if problem:
+            raise SystemExit(f"error: --qlora cannot run here: {problem}. Use --lora (full-precision LLM) instead.")
     resume = training.resume_from_checkpoint
-    if resume and resume not in ("latest", "True", "true") and not Path(resume).is_dir():
-        raise SystemExit(f"error: --resume_from_checkpoint {resume} does not exist.")
+    if resume and resume not in ("latest", "True", "true"):
+        if not Path(resume).exists():
+            raise SystemExit(f"error: --resume_from_checkpoint {resume} does not exist.")
+        problem = checkpoint_problem(resume)
+        if problem:
+            raise SystemExit(
+                f"error: --resume_from_checkpoint {resume} is not a complete checkpoint: {problem}. Pass another "
+                "checkpoint-N folder, or 'latest' for the newest complete one."
+            )
     if args.target_language_ratio and not args.target_language_data:
         raise SystemExit("error: --target_language_ratio needs --target_language_data.")
 
 
-def _has_bitsandbytes() -> bool:
+def qlora_problem(device: torch.device) -> str | None:
+    """Why 4-bit bitsandbytes layers cannot run on `device`, or None: a small NF4 round trip tells."""
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes.functional as bnb_functional
     except ImportError:
-        return False
-    return True
+        return "bitsandbytes is not installed (pip install bitsandbytes)"
+    try:
+        weight = torch.randn(64, 64, device=device)
+        packed, state = bnb_functional.quantize_4bit(weight, quant_type="nf4")
+        bnb_functional.dequantize_4bit(packed, state, quant_type="nf4")
+    except Exception as error:  # bitsandbytes raises many kinds for an unsupported backend
+        return f"bitsandbytes {version('bitsandbytes')} has no 4-bit kernels for {device} ({error})"
+    return None
 
 
-def load_model(args: ScriptArguments):
+def load_model(args: ScriptArguments, training: SFTConfig):
     kwargs = {}
     if args.qlora:
         from transformers import BitsAndBytesConfig
 
+        compute_dtype = torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-            llm_int8_skip_modules=["vision_tower", "bridge", "lm_head"],
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+            llm_int8_skip_modules=[re.escape(name) for name in QLORA_FULL_PRECISION],
         )
-    return AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, **kwargs)
+        kwargs["device_map"] = {"": training.device}  # 4-bit weights are placed when loaded; they cannot move later
+    model = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, **kwargs)
+    if args.qlora:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training.gradient_checkpointing)
+    return model
+
+
+def resolve_resume(training: SFTConfig) -> str | None:
+    """`latest` -> the newest complete checkpoint in --output_dir (incomplete ones set aside), or None."""
+    resume = training.resume_from_checkpoint
+    if resume not in ("latest", "True", "true"):
+        return resume
+    found = latest_complete_checkpoint(training.output_dir)
+    if found is None:
+        logger.info("No complete checkpoint in %s: starting a new run.", training.output_dir)
+        return None
+    logger.info("Resuming from %s.", found)
+    return str(found)
 
 
 def main(argv: list[str] | None = None) -> SFTTrainer:
@@ -151,44 +226,175 @@ def main(argv: list[str] | None = None) -> SFTTrainer:
     args, training = parser.parse_args_into_dataclasses(args=argv)
     args.lora = args.lora or args.qlora
     check_arguments(args, training)
-    # Vision data: the processor pads and the loss covers assistant turns only (image tokens never count).
+    processor = AutoProcessor.from_pretrained(args.model_name_or_path)
+    structured = is_structured_chat(processor)
+    # Vision data: the processor pads. Generic LLMs: TRL's collator with the loss on assistant turns (from the
+    # template's generation spans); CPM-Bee: our collator puts it on the answer of each example.
     training.max_length = None
-    training.assistant_only_loss = True
+    training.assistant_only_loss = not structured
     training.remove_unused_columns = False
+    # Old checkpoints are pruned once the new one is complete (CompleteCheckpoints), not by the Trainer before.
+    checkpoints = CompleteCheckpoints(training.save_total_limit)
+    training.save_total_limit = None
 
     with training.main_process_first():
         dataset = load_data(args.data, args, training.seed)
         if args.target_language_data:
             target = load_data(args.target_language_data, args, training.seed)
             dataset = mix_languages(dataset, target, args.target_language_ratio, seed=training.seed)
+        if structured:
+            dataset = split_assistant_turns(dataset)
 
-    model = load_model(args)
-    processor = AutoProcessor.from_pretrained(args.model_name_or_path)
+    model = load_model(args, training)
     set_trainable(model, args)
     if args.lora:
         model = add_lora(model, args)
 
-    trainer = SFTTrainer(model=model, args=training, train_dataset=dataset, processing_class=processor)
-    resume = training.resume_from_checkpoint
-    trainer.train(resume_from_checkpoint=True if resume in ("latest", "True", "true") else resume)
-    save(trainer, processor, args, training.output_dir)
+    trainer_class, collator = (ModelLossSFTTrainer, CpmBeeChatCollator(processor)) if structured else (SFTTrainer, None)
+    trainer = trainer_class(
+        model=model,
+        args=training,
+        train_dataset=dataset,
+        processing_class=processor,
+        data_collator=collator,
+        callbacks=[checkpoints],
+    )
+    set_fsdp_units(trainer)
+    warn_if_not_sharded(trainer)
+    trainer.train(resume_from_checkpoint=resolve_resume(training))
+    export(trainer, processor, args, training)
     return trainer
 
 
-def save(trainer: SFTTrainer, processor, args: ScriptArguments, output_dir: str) -> None:
-    """An AutoModelForImageTextToText folder (adapters merged on request), written by the main process only."""
-    if args.lora and args.merge_adapters:
-        if trainer.accelerator.is_main_process:
-            merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
-            merged.save_pretrained(output_dir)
-            processor.save_pretrained(output_dir)
-    else:
-        trainer.save_model(output_dir)
-    if trainer.accelerator.is_main_process:
+def set_fsdp_units(trainer: SFTTrainer) -> None:
+    """An FSDP config without a layer list (examples/configs/fsdp_chat.yaml): the units are the model's own
+    `_no_split_modules` classes it contains (the LLM's decoder layer, the vision tower's layers, the bridge)."""
+    plugin = trainer.accelerator.state.fsdp_plugin if trainer.is_fsdp_enabled else None
+    if plugin is not None and plugin.transformer_cls_names_to_wrap is None:
+        plugin.transformer_cls_names_to_wrap = fsdp_wrap_classes(trainer.model)
+        logger.info("FSDP units: %s.", ", ".join(plugin.transformer_cls_names_to_wrap))
+
+
+def warn_if_not_sharded(trainer: SFTTrainer) -> None:
+    """accelerate turns FSDP and DeepSpeed on only for GPU runs; elsewhere an FSDP or DeepSpeed config trains as DDP."""
+    for variable, enabled, name in (("ACCELERATE_USE_FSDP", trainer.is_fsdp_enabled, "FSDP"),
+                                    ("ACCELERATE_USE_DEEPSPEED", trainer.is_deepspeed_enabled, "DeepSpeed")):  # fmt: skip
+        if os.environ.get(variable, "false").lower() == "true" and not enabled:
+            logger.warning(
+                "The accelerate config asks for %s, but accelerate runs %s on this machine (it enables %s on GPUs "
+                "only): every process holds the whole model.", name, trainer.accelerator.distributed_type, name
+            )
+
+
+def export(trainer: SFTTrainer, processor, args: ScriptArguments, training: SFTConfig) -> Path:
+    """Writes `output_dir/model`, a folder to load or upload as is, and the run's log and arguments beside it.
+
+    The folder is written under a hidden name and renamed once complete. It holds the weights (safetensors), the
+    configs, the processor files and a model card; no optimizer state, checkpoint or pickle (the Trainer's
+    `training_args.bin` becomes `training_args.json` beside the folder).
+    """
+    output_dir = Path(training.output_dir)
+    final, partial = output_dir / EXPORT_FOLDER, output_dir / f".{EXPORT_FOLDER}.partial"
+    adapter = output_dir / f".{EXPORT_FOLDER}.adapter"
+    merge = args.lora and args.merge_adapters
+    state = PartialState()
+    if state.is_main_process:
+        for stale in (partial, adapter):
+            shutil.rmtree(stale, ignore_errors=True)
+    state.wait_for_everyone()
+    trainer.save_model(str(adapter if merge else partial))  # every process: gathers sharded weights (FSDP, ZeRO-3)
+    if merge and state.is_main_process:
+        merge_adapter(args.model_name_or_path, adapter, partial)
+        processor.save_pretrained(partial)
+        shutil.rmtree(adapter)
+    if state.is_main_process:
+        (partial / "training_args.bin").unlink(missing_ok=True)
+        write_model_card(partial / "README.md", trainer, args, adapter=args.lora and not args.merge_adapters)
+        if final.exists():
+            previous = output_dir / f".{EXPORT_FOLDER}.previous"
+            shutil.rmtree(previous, ignore_errors=True)
+            final.rename(previous)
+            partial.rename(final)
+            shutil.rmtree(previous)
+        else:
+            partial.rename(final)
+        write_json_atomically(output_dir / "training_args.json", json.loads(training.to_json_string()))
         history = [entry for entry in trainer.state.log_history if "loss" in entry]
-        Path(output_dir, "train_log.json").write_text(json.dumps(history, indent=1) + "\n")
+        write_json_atomically(output_dir / "train_log.json", history)
+    state.wait_for_everyone()
+    return final
+
+
+def merge_adapter(base: str, adapter: Path, output: Path) -> None:
+    """Base model + saved adapter -> one model, on the main process: the base is loaded anew in its own precision
+    (so a --qlora adapter is merged into unquantized weights, the usual QLoRA export, and sharded training needs no
+    gathered PEFT model)."""
+    from peft import PeftModel
+    from transformers.integrations import is_deepspeed_zero3_enabled
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    if is_deepspeed_zero3_enabled():  # training is over: load whole, not partitioned across processes that wait
+        unset_hf_deepspeed_config()
+    model = AutoModelForImageTextToText.from_pretrained(base, dtype="auto")
+    PeftModel.from_pretrained(model, adapter).merge_and_unload().save_pretrained(output)
+
+
+CARD = """---
+library_name: {library}
+pipeline_tag: image-text-to-text
+{base_model}tags:
+  - viscpm
+  - mpm
+  - trl
+  - sft{lora_tag}
+---
+
+# {what} trained with MPM {stage}
+
+Trained from `{base}` with `examples/train_chat.py` of viscpm-hf (TRL `SFTTrainer`) on `{data}`: {steps} steps,
+final training loss {loss:.4f}. Trained: {trained}. The base model's licence applies to these weights.
+
+```python
+import viscpm_hf  # registers the VisCPM classes
+from transformers import AutoModelForImageTextToText, AutoProcessor
+{load}
+processor = AutoProcessor.from_pretrained("path/to/this/folder")
+answer, history = model.chat("photo.jpg", "What is in the picture?", processor)
+```
+"""
+
+
+def write_model_card(path: Path, trainer: SFTTrainer, args: ScriptArguments, adapter: bool) -> None:
+    """A short card: what was trained, from what, on which data, and how to load it."""
+    base = args.model_name_or_path
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    trained = ["the bridge"] + (["the vision tower"] if args.tune_vision else [])
+    if args.lora:
+        trained.append("LoRA adapters on the LLM" + (" (4-bit base)" if args.qlora else ""))
+    elif args.stage == "sft" and args.tune_llm:
+        trained.append("the LLM")
+    if adapter:
+        load = (f'from peft import PeftModel\n\nmodel = AutoModelForImageTextToText.from_pretrained("{base}")\n'
+                'model = PeftModel.from_pretrained(model, "path/to/this/folder")')  # fmt: skip
+    else:
+        load = '\nmodel = AutoModelForImageTextToText.from_pretrained("path/to/this/folder")'
+    card = CARD.format(
+        library="peft" if adapter else "transformers",
+        base_model="" if Path(base).is_dir() else f"base_model: {base}\n",
+        lora_tag="\n  - lora" if adapter else "",
+        what="LoRA adapter" if adapter else "VisCPM-Chat",
+        stage="stage 1 (captions, LLM frozen)" if args.stage == "pretrain" else "stage 2 (instructions)",
+        base=base,
+        data=Path(args.data).name,
+        steps=trainer.state.global_step,
+        loss=losses[-1] if losses else float("nan"),
+        trained=", ".join(trained),
+        load=load,
+    )
+    path.write_text(card, encoding="utf-8")
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     main(sys.argv[1:])

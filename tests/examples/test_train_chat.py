@@ -70,13 +70,17 @@ def weights(folder: Path) -> dict:
     return load_file(folder / "model.safetensors")
 
 
+def exported(tmp_path: Path) -> Path:
+    return tmp_path / "out" / "model"
+
+
 def changed(before: dict, after: dict) -> set[str]:
     return {name for name in before if not torch.equal(before[name], after[name])}
 
 
 def test_pretrain_trains_the_vision_side_only(workspace, tmp_path):
     run(workspace, tmp_path, "--max_steps", "2", "--learning_rate", "1e-2", stage="pretrain", data="captions.json")
-    moved = changed(weights(workspace / "model"), weights(tmp_path / "out"))
+    moved = changed(weights(workspace / "model"), weights(exported(tmp_path)))
     assert any(n.startswith("model.bridge.") for n in moved)
     assert any(n.startswith("model.vision_tower.") for n in moved)
     assert not any(n.startswith("model.llm.") for n in moved)
@@ -84,7 +88,7 @@ def test_pretrain_trains_the_vision_side_only(workspace, tmp_path):
 
 def test_sft_trains_bridge_and_llm_and_can_keep_the_tower(workspace, tmp_path):
     run(workspace, tmp_path, "--max_steps", "2", "--learning_rate", "1e-2", "--tune_vision", "false")
-    moved = changed(weights(workspace / "model"), weights(tmp_path / "out"))
+    moved = changed(weights(workspace / "model"), weights(exported(tmp_path)))
     assert any(n.startswith("model.llm.") for n in moved) and any(n.startswith("model.bridge.") for n in moved)
     assert not any(n.startswith("model.vision_tower.") for n in moved)
 
@@ -98,7 +102,7 @@ def test_a_frozen_batch_norm_tower_keeps_its_running_statistics(workspace, tmp_p
             str(workspace / "captions.json"), "--image_folder", str(workspace / "images"), "--output_dir",
             str(tmp_path / "out"), *CPU, "--max_steps", "2", "--learning_rate", "1e-2", "--tune_vision", "false"]  # fmt: skip
     train_chat.main(args)
-    moved = changed(weights(tmp_path / "model"), weights(tmp_path / "out"))
+    moved = changed(weights(tmp_path / "model"), weights(exported(tmp_path)))
     assert any(n.startswith("model.bridge.") for n in moved)
     assert not any(n.startswith("model.vision_tower.") for n in moved), sorted(moved)
 
@@ -106,7 +110,7 @@ def test_a_frozen_batch_norm_tower_keeps_its_running_statistics(workspace, tmp_p
 def test_lora_output_merges_into_a_loadable_model(workspace, tmp_path):
     run(workspace, tmp_path, "--max_steps", "2", "--learning_rate", "1e-2", "--lora", "--merge_adapters",
         "--tune_vision", "false")  # fmt: skip
-    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
+    model = AutoModelForImageTextToText.from_pretrained(exported(tmp_path))
     moved = changed(weights(workspace / "model"), {k: v for k, v in model.state_dict().items()})
     assert any(".llm.model.layers." in n and "proj" in n for n in moved)  # merged deltas
     assert any(n.startswith("model.bridge.") for n in moved)
@@ -223,4 +227,4 @@ def test_two_processes_with_accelerate(workspace, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     # 4 examples, 2 per device: two processes finish an epoch per step, one process every two steps.
     assert json.loads((tmp_path / "out" / "train_log.json").read_text())[-1]["epoch"] == 2.0
-    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert (exported(tmp_path) / "model.safetensors").is_file()

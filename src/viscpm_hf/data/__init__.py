@@ -5,4 +5,5 @@ from .chat_datasets import (
     conversation_dataset,
     image_text_dataset,
     mix_languages,
+    split_assistant_turns,
 )

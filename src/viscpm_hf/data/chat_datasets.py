@@ -177,6 +177,28 @@ def _captions(pairs, folder: Path, prompts, on_missing_image, seed: int, source:
     return _finish(rows, skipped, source)
 
 
+def split_assistant_turns(dataset: Dataset) -> Dataset:
+    """One example per assistant turn: the k-th holds the chat up to and including its k-th answer.
+
+    For LLMs that learn one answer per sequence, such as CPM-Bee, whose prompt puts the earlier turns in its context and
+    predicts only the final answer: each answer is then trained once, with the turns before it as the original's
+    `chat()` would show them. Images stay where they are (in the first user turn). Chats with one answer are unchanged.
+    """
+
+    def split(batch: dict) -> dict:
+        rows = {"images": [], "messages": []}
+        for images, messages in zip(batch["images"], batch["messages"]):
+            for end, message in enumerate(messages, start=1):
+                if message["role"] == "assistant":
+                    rows["images"].append(images)
+                    rows["messages"].append(messages[:end])
+        return rows
+
+    undecoded = dataset.cast_column("images", [Image(decode=False)])  # images move as paths or bytes, not pixels
+    split_rows = undecoded.map(split, batched=True, remove_columns=undecoded.column_names, desc="one per answer")
+    return split_rows.cast(FEATURES)
+
+
 def mix_languages(pivot: Dataset, target: Dataset, target_ratio: float, seed: int = 0) -> Dataset:
     """The MPM mixture: all pivot-language examples plus target-language examples making up `target_ratio` of the
     result (the paper: 0.1% already gives the right answer language >80% of the time), drawn and shuffled with `seed`."""
