@@ -69,6 +69,21 @@ logger = get_logger(__name__, log_level="INFO")
 
 PROGRESS_FILE = "training_progress.json"  # inside every checkpoint: where the run stood
 LOG_FILE = "train_log.jsonl"  # one line per optimizer step: step, epoch, loss, lr
+
+
+def read_log_rows(path: Path) -> list[dict]:
+    """The records of `train_log.jsonl`; a line a kill tore mid-write is skipped and reported, not fatal."""
+    if not path.exists():
+        return []
+    rows, torn = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            torn += 1
+    if torn:
+        logger.warning(f"{path}: skipped {torn} torn line(s), left by a run that was killed while writing them.")
+    return rows
 WEIGHTS_FILE = "model.safetensors"  # accelerate's name for the (here: trained-only) weights of the prepared model
 SHARDED = (DistributedType.DEEPSPEED, DistributedType.FSDP)
 
@@ -660,9 +675,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         logger.info(f"Resumed from {resume} at step {global_step}")
     log_path = output_dir / LOG_FILE
     if accelerator.is_main_process:  # steps after the checkpoint are trained again: drop their old records
-        kept = [line for line in (log_path.read_text().splitlines() if resume and log_path.exists() else [])
-                if json.loads(line)["step"] <= global_step]  # fmt: skip
-        log_path.write_text("".join(line + "\n" for line in kept))
+        kept = [row for row in read_log_rows(log_path) if row["step"] <= global_step] if resume else []
+        log_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
 
     # 7. The loop.
     logger.info(

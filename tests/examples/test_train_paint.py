@@ -147,8 +147,11 @@ def test_saved_pipeline_loads_and_generates(main_run):
 def test_resume_continues_the_same_trajectory(workspace, main_run, tmp_path):
     shutil.copytree(main_run / "checkpoint-20", tmp_path / "checkpoint-20")
     (tmp_path / ".checkpoint-30.partial").mkdir()  # a save cut off by the interruption: never taken as a checkpoint
+    log_lines = (main_run / "train_log.jsonl").read_text().splitlines()[:24]
+    (tmp_path / "train_log.jsonl").write_text("\n".join(log_lines) + '\n{"step": 25, "lo')  # a line the kill tore
     run(workspace, tmp_path, *TRAINING, "--resume_from_checkpoint", "latest")
-    assert losses(tmp_path) == pytest.approx(losses(main_run)[20:], abs=1e-6)  # steps 21..30
+    # Steps 1..20 kept from the log (the torn line and the records after the checkpoint dropped), 21..30 retrained.
+    assert losses(tmp_path) == pytest.approx(losses(main_run), abs=1e-6)
     assert not list(tmp_path.glob(".checkpoint-*"))
     # The EMA went through the checkpoint too: the saved (averaged) weights are the uninterrupted run's.
     for component in ("transblock", "unet"):
