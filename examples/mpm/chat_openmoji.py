@@ -40,6 +40,7 @@ from viscpm_hf.evaluation import metric_path
 from viscpm_hf.pivots import load_efficientnet_lite0, load_gemma3_270m, load_smollm2
 
 
+TRAINED_MODEL = "model"  # where train_chat.py writes the trained model (or adapter) inside --output_dir
 EXAMPLES = Path(__file__).resolve().parents[1]
 LLMS = {"gemma": load_gemma3_270m, "smollm2": load_smollm2}
 LLM_TYPES = {"gemma3_text": "gemma", "llama": "smollm2"}  # the LLM a saved config was built on
@@ -285,7 +286,7 @@ def ask(args, model_dir: Path, base: Path, train) -> dict[str, list[str]]:
     saved = model_dir / "eval.json"
     if saved.is_file():
         return {lang: result["answers"] for lang, result in json.loads(saved.read_text()).items()}
-    model, processor = load_chat(model_dir, base)
+    model, processor = load_chat(model_dir / TRAINED_MODEL, base)
     rows = train.select(range(min(args.eval_emoji, len(train))))
     images = list(rows["image"])
     answers = {}
@@ -317,7 +318,7 @@ def score(answers: dict[str, list[str]], train, metrics: dict) -> dict:
 def export_default(args, out: Path, result: dict, folder: Path) -> None:
     """The share's adapter in fp16 with the model's config: a few MB that `load_chat(folder)` completes from the
     LLM's package. Written beside the target, then renamed into place."""
-    source = out / f"stage2-{args.export_share:g}"
+    source = out / f"stage2-{args.export_share:g}" / TRAINED_MODEL
     staging = folder.with_name(folder.name + ".tmp")
     staging.mkdir(parents=True, exist_ok=True)
     weights = load_file(source / "adapter_model.safetensors")
@@ -414,7 +415,7 @@ def main(argv=None) -> dict:
     results = {}
     for share in args.shares:
         folder = out / f"stage2-{share:g}"
-        times[f"stage2-{share:g}"] = stage2(args, data, train, out / "stage1", share, folder)
+        times[f"stage2-{share:g}"] = stage2(args, data, train, out / "stage1" / TRAINED_MODEL, share, folder)
         results[str(share)] = score(ask(args, folder, out / "init", train), train, metrics)
     references = reference_scores(args, train, metrics)
     (out / "results.json").write_text(json.dumps(

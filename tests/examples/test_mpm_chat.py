@@ -49,13 +49,13 @@ def test_both_stages_the_language_sweep_and_the_exported_adapter(tmp_path):
     assert "| 50% |" in table and "| English reference answers | 100 / 100 / " in table
     references = json.loads((out / "results.json").read_text())["references"]["reference answers"]
     assert references["zh"]["language"] == 1 and references["en"]["correct"] == 1  # the metrics' bounds
-    assert (out / "stage1" / "model.safetensors").is_file()
+    assert (out / "stage1" / chat_openmoji.TRAINED_MODEL / "model.safetensors").is_file()
     for folder in ("stage2-0", "stage2-0.5"):
-        assert (out / folder / "adapter_model.safetensors").is_file()
+        assert (out / folder / chat_openmoji.TRAINED_MODEL / "adapter_model.safetensors").is_file()
 
     # The exported folder (fp16 adapter + config) rebuilt over the packaged LLM matches the run's own model.
     assert json.loads((exported / "adapter_config.json").read_text())["base_model_name_or_path"] is None
-    reference, processor = chat_openmoji.load_chat(out / "stage2-0.5", base=out / "init")
+    reference, processor = chat_openmoji.load_chat(out / "stage2-0.5" / chat_openmoji.TRAINED_MODEL, base=out / "init")
     rebuilt, rebuilt_processor = chat_openmoji.load_chat(exported)
     image = Image.new("RGB", (32, 32), "red")
     messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]]
