@@ -8,13 +8,14 @@ text encoder of similar size.
 """
 
 import argparse
+import time
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from viscpm_hf import CpmBeeConfig, CpmBeeModel, CpmBeeTokenizer, VisCPMPaintPipeline, VisCPMTransBlock, build_byte_level_tokenizer
-from timing import interleaved_medians
+from timing import interleaved_medians, per_round_ratio
 
 
 def components(cross_attention_dim: int = 512):
@@ -83,14 +84,19 @@ def main() -> None:
         def run_sd():
             sd(prompt_embeds=theirs[0], negative_prompt_embeds=theirs[1], generator=torch.Generator().manual_seed(0), **common)
 
-        viscpm_s, sd_s = interleaved_medians(run_viscpm, run_sd, args.repeats)
+        def seconds(fn):
+            start = time.perf_counter()
+            fn()
+            return time.perf_counter() - start
+
+        viscpm_s, sd_s, ratio = per_round_ratio(lambda: seconds(run_viscpm), lambda: seconds(run_sd), args.repeats)
         viscpm_text, sd_text = interleaved_medians(
             lambda: viscpm.encode_prompt(prompt, "cpu", 1, True, negative),
             lambda: sd.encode_prompt(prompt, "cpu", 1, True, negative),
             args.repeats,
         )
     print(f"per image, text encoded beforehand: VisCPM-Paint {viscpm_s:.3f} s   StableDiffusion {sd_s:.3f} s   "
-          f"ratio {viscpm_s / sd_s:.3f}")
+          f"ratio {ratio:.3f} (median of {args.repeats} alternated rounds' ratios)")
     print(f"text encoding per call (prompt + negative): VisCPM-Paint ({llm.num_parameters() / 1e6:.0f}M CPM-Bee) "
           f"{viscpm_text * 1e3:.1f} ms   StableDiffusion ({clip.num_parameters() / 1e6:.0f}M CLIP) {sd_text * 1e3:.1f} ms")
 
