@@ -365,7 +365,6 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
-        cache: Cache | None = None,
         pixel_values: torch.Tensor | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         is_first_iteration: bool | None = False,
@@ -373,9 +372,8 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
     ) -> dict:
         """transformers' preparation; the image inputs go in whenever the cache does not hold the prompt yet. An
         assistant model's first pass is not the "first iteration" of `generate`, but it still reads the images."""
-        model_inputs = super().prepare_inputs_for_generation(
-            input_ids, cache=cache, is_first_iteration=is_first_iteration, **kwargs
-        )
+        model_inputs = super().prepare_inputs_for_generation(input_ids, is_first_iteration=is_first_iteration, **kwargs)
+        cache = kwargs.get(CACHE_NAME)
         if is_first_iteration or cache is None or not kwargs.get("use_cache", True) or cache.get_seq_length() == 0:
             model_inputs.update(pixel_values=pixel_values, mm_encoder_outputs=mm_encoder_outputs)
         return model_inputs
