@@ -253,7 +253,8 @@ def _original_names(llm_layers: int, vision_layers: int) -> list[str]:
 def conversion_memory(size_gb: float) -> float:
     """Converts a synthetic checkpoint of about `size_gb` in a fresh process; prints and returns peak RSS / size."""
     with tempfile.TemporaryDirectory() as folder:
-        folder = Path(folder)
+        folder = Path(folder) / "release"  # the converted folder goes beside it: never inside an input's folder
+        folder.mkdir()
         checkpoint = folder / "viscpm_chat_synthetic.pt"
         # Built in a child process, so that this one stays small: a forked child starts with its parent's RSS.
         with multiprocessing.get_context("spawn").Pool(1) as pool:
@@ -267,7 +268,7 @@ def conversion_memory(size_gb: float) -> float:
         measure = ("import resource, sys; from viscpm_hf.convert.cli import main; code = main(sys.argv[1:]); "
                    "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)")
         command = [sys.executable, "-c", measure, "chat", "--checkpoint", str(checkpoint), "--vocab",
-                   str(vocab), "--output", str(folder / "out"), "--llm-config", str(folder / "llm.json"),
+                   str(vocab), "--output", str(folder.parent / "out"), "--llm-config", str(folder / "llm.json"),
                    "--vision-config", str(folder / "vision.json")]  # fmt: skip
         start = time.perf_counter()
         result = subprocess.run(command, check=True, capture_output=True, text=True)

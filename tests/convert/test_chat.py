@@ -227,18 +227,18 @@ def test_the_released_checkpoint_layout_converts_completely():
 # --- bad input ---------------------------------------------------------------------------------------------
 
 
-def test_a_file_that_is_not_a_checkpoint(tmp_path):
+def test_a_file_that_is_not_a_checkpoint(tmp_path, originals):
     require_parity()
-    bogus = tmp_path / "model.pt"
+    bogus = originals / "model.pt"
     bogus.write_bytes(b"definitely not a checkpoint")
     with pytest.raises(ValueError, match="not a PyTorch checkpoint"):
         convert_chat(bogus, PARITY_DIR / "cpmbee_vocab.txt", tmp_path / "out", **tiny_configs())
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_files(tmp_path):
+def test_missing_files(tmp_path, originals):
     with pytest.raises(FileNotFoundError, match="Checkpoint not found"):
-        convert_chat(tmp_path / "nope.pt", PARITY_DIR / "cpmbee_vocab.txt", tmp_path / "out", **tiny_configs())
+        convert_chat(originals / "nope.pt", PARITY_DIR / "cpmbee_vocab.txt", tmp_path / "out", **tiny_configs())
     with pytest.raises(FileNotFoundError, match="Vocabulary not found"):
         convert_chat(PARITY_DIR / "viscpm_chat_tiny.safetensors", tmp_path / "bee.txt", tmp_path / "out")
 
@@ -248,12 +248,12 @@ def original_weights():
     return load_file(require_parity() / "viscpm_chat_tiny.safetensors")
 
 
-def test_missing_unexpected_and_misshapen_keys_are_all_reported(tmp_path, original_weights):
+def test_missing_unexpected_and_misshapen_keys_are_all_reported(tmp_path, originals, original_weights):
     broken = dict(original_weights)
     del broken["mapping.0.bias"]
     broken["llm.extra.weight"] = torch.zeros(1)
     broken["mapping.2.weight"] = torch.zeros(3, 3)
-    path = tmp_path / "broken.safetensors"
+    path = originals / "broken.safetensors"
     save_file(broken, str(path))
     with pytest.raises(ValueError) as error:
         convert_chat(path, PARITY_DIR / "cpmbee_vocab.txt", tmp_path / "out", **tiny_configs())
@@ -263,13 +263,13 @@ def test_missing_unexpected_and_misshapen_keys_are_all_reported(tmp_path, origin
     assert not (tmp_path / "out").exists()
 
 
-def test_pickled_checkpoints_load_safely_and_convert_alike(tmp_path, original_weights, converted):
-    path = tmp_path / "viscpm_chat_balance_checkpoint.pt"
+def test_pickled_checkpoints_load_safely_and_convert_alike(tmp_path, originals, original_weights, converted):
+    path = originals / "viscpm_chat_balance_checkpoint.pt"
     torch.save({**original_weights, "vpm.mim_head.weight": torch.zeros(8, 48)}, path)  # the unused head is dropped
     output = tmp_path / "from-pt"
     assert main(["chat", "--checkpoint", str(path), "--vocab", str(PARITY_DIR / "cpmbee_vocab.txt"), "--output",
-                 str(output), "--llm-config", str(_write_json(tmp_path, "llm.json", tiny_configs()["llm_config"])),
-                 "--vision-config", str(_write_json(tmp_path, "vision.json", tiny_configs()["vision_config"]))]) == 0
+                 str(output), "--llm-config", str(_write_json(originals, "llm.json", tiny_configs()["llm_config"])),
+                 "--vision-config", str(_write_json(originals, "vision.json", tiny_configs()["vision_config"]))]) == 0
     assert (output / "model.safetensors").is_file()
     a = VisCPMChatForConditionalGeneration.from_pretrained(output).state_dict()
     b = VisCPMChatForConditionalGeneration.from_pretrained(converted).state_dict()

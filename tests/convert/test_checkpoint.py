@@ -209,8 +209,11 @@ def test_outputs_over_the_inputs_are_refused(tmp_path):
     ]:
         with pytest.raises(ValueError, match=message):
             refuse_output_over_inputs(output, [checkpoint, inputs / "vae"])
-    refuse_output_over_inputs(inputs / "converted", [checkpoint, inputs / "vae"])  # next to the checkpoint: fine
+    # Beside the checkpoint, in the release folder: refused too, the release is never written into.
+    with pytest.raises(ValueError, match="lies inside the input folder .*release'"):
+        refuse_output_over_inputs(inputs / "converted", [checkpoint, inputs / "vae"])
     refuse_output_over_inputs(tmp_path / "elsewhere", [checkpoint, None])
+    refuse_output_over_inputs(tmp_path / "release-converted", [checkpoint, inputs / "vae"])
 
 
 def test_leftovers_of_a_running_conversion_are_left_alone(tmp_path, caplog):

@@ -59,47 +59,49 @@ def test_a_config_file_inside_the_output_is_protected_too(tmp_path, release, cap
     assert "holds the input" in capsys.readouterr().err and (configs / "llm.json").is_file()
 
 
-def test_an_output_next_to_the_checkpoint_is_fine(release):
-    assert main(chat_args(release / "viscpm_chat.safetensors", release / "converted")) == 0
-    assert (release / "converted" / "model.safetensors").is_file() and (release / "notes.txt").is_file()
+def test_an_output_inside_the_release_folder_is_refused(release, capsys):
+    assert main(chat_args(release / "viscpm_chat.safetensors", release / "converted")) == 1
+    assert f"lies inside the input folder {str(release)!r}" in capsys.readouterr().err
+    assert sorted(p.name for p in release.iterdir()) == ["llm.json", "notes.txt", "viscpm_chat.safetensors", "vision.json"]
 
 
-def test_an_output_that_is_a_file_is_an_error_not_a_traceback(release, capsys):
-    assert main(chat_args(release / "viscpm_chat.safetensors", release / "notes.txt", "--overwrite")) == 1
-    assert "is the input" not in (err := capsys.readouterr().err) and "is a file, not a folder" in err
-    assert main(chat_args(release / "viscpm_chat.safetensors", release / "notes.txt" / "out")) == 1
+def test_an_output_that_is_a_file_is_an_error_not_a_traceback(tmp_path, release, capsys):
+    (tmp_path / "notes.txt").write_text("user data")
+    assert main(chat_args(release / "viscpm_chat.safetensors", tmp_path / "notes.txt", "--overwrite")) == 1
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert main(chat_args(release / "viscpm_chat.safetensors", tmp_path / "notes.txt" / "out")) == 1
     assert "notes.txt' is a file" in capsys.readouterr().err
-    assert (release / "notes.txt").read_text() == "user data"
+    assert (tmp_path / "notes.txt").read_text() == "user data"
 
 
-def test_a_key_that_is_not_a_string_is_an_error_not_a_traceback(tmp_path, release, chat_weights, capsys):
-    torch.save({**chat_weights, 7: torch.zeros(1)}, tmp_path / "odd.pt")
-    assert main(chat_args(tmp_path / "odd.pt", tmp_path / "out", configs=release)) == 1
+def test_a_key_that_is_not_a_string_is_an_error_not_a_traceback(tmp_path, originals, release, chat_weights, capsys):
+    torch.save({**chat_weights, 7: torch.zeros(1)}, originals / "odd.pt")
+    assert main(chat_args(originals / "odd.pt", tmp_path / "out", configs=release)) == 1
     assert "1 keys that are not strings: 7 (int)" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
-def test_a_complex_tensor_is_an_error_not_a_traceback(tmp_path, release, chat_weights, capsys):
-    save_file({**chat_weights, "mapping.0.bias": torch.zeros(64, dtype=torch.complex64)}, str(tmp_path / "odd.safetensors"))
-    assert main(chat_args(tmp_path / "odd.safetensors", tmp_path / "out", configs=release)) == 1
+def test_a_complex_tensor_is_an_error_not_a_traceback(tmp_path, originals, release, chat_weights, capsys):
+    save_file({**chat_weights, "mapping.0.bias": torch.zeros(64, dtype=torch.complex64)}, str(originals / "odd.safetensors"))
+    assert main(chat_args(originals / "odd.safetensors", tmp_path / "out", configs=release)) == 1
     assert "['mapping.0.bias: dtype C64']" in capsys.readouterr().err
 
 
-def test_integer_weights_are_refused(tmp_path, release, chat_weights, capsys):
-    save_file({**chat_weights, "mapping.0.bias": torch.zeros(64, dtype=torch.int32)}, str(tmp_path / "int.safetensors"))
-    assert main(chat_args(tmp_path / "int.safetensors", tmp_path / "out", configs=release)) == 1
+def test_integer_weights_are_refused(tmp_path, originals, release, chat_weights, capsys):
+    save_file({**chat_weights, "mapping.0.bias": torch.zeros(64, dtype=torch.int32)}, str(originals / "int.safetensors"))
+    assert main(chat_args(originals / "int.safetensors", tmp_path / "out", configs=release)) == 1
     assert "stores 1 weights as integers or booleans: ['mapping.0.bias: int32']" in capsys.readouterr().err
 
 
-def test_check_refuses_non_finite_weights_and_keeps_the_old_output(tmp_path, release, chat_weights, capsys):
+def test_check_refuses_non_finite_weights_and_keeps_the_old_output(tmp_path, originals, release, chat_weights, capsys):
     weights = dict(chat_weights)
     weights["llm.encoder.layers.1.ffn.ffn.w_out.weight"] = weights["llm.encoder.layers.1.ffn.ffn.w_out.weight"].clone()
     weights["llm.encoder.layers.1.ffn.ffn.w_out.weight"][0, :3] = float("nan")
     weights["mapping.2.bias"] = torch.full((64,), float("-inf"))
-    save_file(weights, str(tmp_path / "nan.safetensors"))
+    save_file(weights, str(originals / "nan.safetensors"))
     output = tmp_path / "out"
     output.mkdir()
     (output / "previous.txt").write_text("previous conversion")
-    assert main(chat_args(tmp_path / "nan.safetensors", output, "--overwrite", "--check", configs=release)) == 1
+    assert main(chat_args(originals / "nan.safetensors", output, "--overwrite", "--check", configs=release)) == 1
     err = capsys.readouterr().err
     assert "--check: 2 tensors" in err and "Nothing was written" in err
     assert "'llm.encoder.layers.1.ffn.ffn.w_out.weight: 3 NaN, 0 inf of 8192'" in err
@@ -107,7 +109,7 @@ def test_check_refuses_non_finite_weights_and_keeps_the_old_output(tmp_path, rel
     assert contents(output) == {"previous.txt": b"previous conversion"}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     # Without --check the same file converts, as any other does.
-    assert main(chat_args(tmp_path / "nan.safetensors", output, "--overwrite", configs=release)) == 0
+    assert main(chat_args(originals / "nan.safetensors", output, "--overwrite", configs=release)) == 0
     assert load_file(output / "model.safetensors")["model.bridge.mapping.linear_2.bias"].isinf().all()
 
 
@@ -139,17 +141,17 @@ def test_paint_refuses_an_output_inside_the_vae_folder(tmp_path, capsys):
     assert "lies inside the input folder" in capsys.readouterr().err and not (vae / "pipeline").exists()
 
 
-def test_paint_check_names_the_non_finite_unet_and_vae_tensors(tmp_path, chat_weights, capsys):
+def test_paint_check_names_the_non_finite_unet_and_vae_tensors(tmp_path, originals, chat_weights, capsys):
     weights = {k: v for k, v in chat_weights.items() if k.startswith("llm.")}
     weights.update(load_file(PARITY_DIR / "viscpm_paint_tiny.safetensors"))
     weights["unet.conv_in.bias"] = torch.full_like(weights["unet.conv_in.bias"], float("nan"))
-    save_file(weights, str(tmp_path / "paint.safetensors"))
+    save_file(weights, str(originals / "paint.safetensors"))
     vae = tmp_path / "vae"
     shutil.copytree(PARITY_DIR / "paint_tiny" / "vae", vae)
     vae_weights = load_file(vae / "diffusion_pytorch_model.safetensors")
     vae_weights["decoder.conv_out.bias"] = torch.full_like(vae_weights["decoder.conv_out.bias"], float("inf"))
     save_file(vae_weights, str(vae / "diffusion_pytorch_model.safetensors"))
-    args = ["paint", "--checkpoint", str(tmp_path / "paint.safetensors"), "--vocab", str(PARITY_DIR / "cpmbee_vocab.txt"),
+    args = ["paint", "--checkpoint", str(originals / "paint.safetensors"), "--vocab", str(PARITY_DIR / "cpmbee_vocab.txt"),
             "--vae", str(vae), "--output", str(tmp_path / "out"), "--unet-config",
             str(PARITY_DIR / "paint_tiny" / "unet" / "config.json"), "--check"]  # fmt: skip
     assert main(args) == 1

@@ -59,9 +59,10 @@ def original_weights() -> dict:
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, original_weights):
     folder = tmp_path_factory.mktemp("paint")
-    save_file(original_weights, str(folder / "viscpm_paint_tiny.safetensors"))
+    checkpoint = folder / "original" / "viscpm_paint_tiny.safetensors"
+    checkpoint.parent.mkdir()
+    save_file(original_weights, str(checkpoint))
     output = folder / "viscpm-paint-tiny"
-    checkpoint = folder / "viscpm_paint_tiny.safetensors"
     convert_paint(checkpoint, *tiny_arguments(), output, max_shard_size="1MB", **tiny_configs())
     return output
 
@@ -224,15 +225,15 @@ def write_json(folder, name, data):
     return path
 
 
-def test_pickled_checkpoint_converts_alike_through_the_cli(tmp_path, original_weights, converted):
-    path = tmp_path / "viscpm_paint_balance_checkpoint.pt"
+def test_pickled_checkpoint_converts_alike_through_the_cli(tmp_path, originals, original_weights, converted):
+    path = originals / "viscpm_paint_balance_checkpoint.pt"
     torch.save({k: v.half() if k.startswith("llm.") else v for k, v in original_weights.items()}, path)  # as released
     vocab, vae = tiny_arguments()
     configs = tiny_configs()
     output = tmp_path / "from-pt"
     assert main(["paint", "--checkpoint", str(path), "--vocab", str(vocab), "--vae", str(vae), "--output", str(output),
-                 "--llm-config", str(write_json(tmp_path, "llm.json", configs["llm_config"])),
-                 "--unet-config", str(write_json(tmp_path, "unet.json", configs["unet_config"])),
+                 "--llm-config", str(write_json(originals, "llm.json", configs["llm_config"])),
+                 "--unet-config", str(write_json(originals, "unet.json", configs["unet_config"])),
                  "--dtype", "float32"]) == 0  # fmt: skip
     for name, cls in COMPONENTS.items():
         a = cls.from_pretrained(output / name).state_dict()
@@ -245,8 +246,8 @@ def test_pickled_checkpoint_converts_alike_through_the_cli(tmp_path, original_we
     assert (output / "unet" / "diffusion_pytorch_model.safetensors").is_file()  # 1GB shards: one file
 
 
-def test_float16_llm_is_kept_unless_cast(tmp_path, original_weights):
-    path = tmp_path / "paint.safetensors"
+def test_float16_llm_is_kept_unless_cast(tmp_path, originals, original_weights):
+    path = originals / "paint.safetensors"
     save_file({k: v.half() if k.startswith("llm.") else v for k, v in original_weights.items()}, str(path))
     output = convert_paint(path, *tiny_arguments(), tmp_path / "out", **tiny_configs())
     assert json.loads((output / "text_encoder" / "config.json").read_text())["dtype"] == "float16"
@@ -256,20 +257,20 @@ def test_float16_llm_is_kept_unless_cast(tmp_path, original_weights):
     assert load_file(output / "unet" / "diffusion_pytorch_model.safetensors")["conv_in.weight"].dtype == torch.float32
 
 
-def test_a_file_that_is_not_a_checkpoint(tmp_path):
-    bogus = tmp_path / "model.pt"
+def test_a_file_that_is_not_a_checkpoint(tmp_path, originals):
+    bogus = originals / "model.pt"
     bogus.write_bytes(b"definitely not a checkpoint")
     with pytest.raises(ValueError, match="not a PyTorch checkpoint"):
         convert_paint(bogus, *tiny_arguments(), tmp_path / "out", **tiny_configs())
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_files(tmp_path, original_weights):
-    path = tmp_path / "paint.safetensors"
+def test_missing_files(tmp_path, originals, original_weights):
+    path = originals / "paint.safetensors"
     save_file(original_weights, str(path))
     vocab, vae = tiny_arguments()
     with pytest.raises(FileNotFoundError, match="Checkpoint not found"):
-        convert_paint(tmp_path / "nope.pt", vocab, vae, tmp_path / "out", **tiny_configs())
+        convert_paint(originals / "nope.pt", vocab, vae, tmp_path / "out", **tiny_configs())
     with pytest.raises(FileNotFoundError, match="Vocabulary not found"):
         convert_paint(path, tmp_path / "bee.txt", vae, tmp_path / "out", **tiny_configs())
     with pytest.raises(FileNotFoundError, match="VAE folder not found.*stable-diffusion-2-1-base"):
@@ -277,8 +278,8 @@ def test_missing_files(tmp_path, original_weights):
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_vae_folders(tmp_path, original_weights):
-    path = tmp_path / "paint.safetensors"
+def test_bad_vae_folders(tmp_path, originals, original_weights):
+    path = originals / "paint.safetensors"
     save_file(original_weights, str(path))
     vocab, vae = tiny_arguments()
     pickled = tmp_path / "sd21" / "vae"  # a Stable Diffusion repo root is accepted: its vae/ is used
@@ -306,9 +307,9 @@ def test_bad_vae_folders(tmp_path, original_weights):
     assert not (tmp_path / "out").exists()
 
 
-def test_old_vae_attention_names_are_renamed(tmp_path, original_weights):
+def test_old_vae_attention_names_are_renamed(tmp_path, originals, original_weights):
     """VAEs saved by diffusers < 0.14 (SD-2.1's own files) name the mid-block attention query/key/value/proj_attn."""
-    path = tmp_path / "paint.safetensors"
+    path = originals / "paint.safetensors"
     save_file(original_weights, str(path))
     vocab, vae = tiny_arguments()
     old = tmp_path / "old-vae"
@@ -327,14 +328,14 @@ def test_old_vae_attention_names_are_renamed(tmp_path, original_weights):
     assert load_file(output / "vae" / "diffusion_pytorch_model.safetensors").keys() == weights.keys()
 
 
-def test_missing_unexpected_and_misshapen_keys_are_all_reported(tmp_path, original_weights):
+def test_missing_unexpected_and_misshapen_keys_are_all_reported(tmp_path, originals, original_weights):
     broken = dict(original_weights)
     del broken["trans_block.layernorm.bias"]
     del broken["llm.encoder.layers.1.ffn.ffn.w_out.weight"]
     broken["unet.extra.weight"] = torch.zeros(1)
     broken["vpm.beit3.something"] = torch.zeros(1)
     broken["unet.conv_in.weight"] = torch.zeros(3, 3)
-    path = tmp_path / "broken.safetensors"
+    path = originals / "broken.safetensors"
     save_file(broken, str(path))
     with pytest.raises(ValueError) as error:
         convert_paint(path, *tiny_arguments(), tmp_path / "out", **tiny_configs())
@@ -353,8 +354,8 @@ def test_a_chat_checkpoint_is_refused(tmp_path):
         )
 
 
-def test_existing_output_is_kept_unless_overwrite(tmp_path, original_weights, converted):
-    path = tmp_path / "paint.safetensors"
+def test_existing_output_is_kept_unless_overwrite(tmp_path, originals, original_weights, converted):
+    path = originals / "paint.safetensors"
     save_file(original_weights, str(path))
     vocab, vae = tiny_arguments()
     output = tmp_path / "existing"

@@ -52,12 +52,12 @@ def smaller_variant(weights: dict) -> dict:
     return cut
 
 
-def test_a_checkpoint_of_other_sizes_converts_without_config_files(tmp_path, chat_weights):
+def test_a_checkpoint_of_other_sizes_converts_without_config_files(tmp_path, originals, chat_weights):
     """Only BEiT-3's head count (48 wide: not the released 64-wide heads) shows in no shape."""
     weights = smaller_variant(chat_weights)
-    save_file(weights, str(tmp_path / "small.safetensors"))
+    save_file(weights, str(originals / "small.safetensors"))
     output = convert_chat(
-        tmp_path / "small.safetensors", PARITY_DIR / "cpmbee_vocab.txt", tmp_path / "out",
+        originals / "small.safetensors", PARITY_DIR / "cpmbee_vocab.txt", tmp_path / "out",
         vision_config={"encoder_attention_heads": 4},
     )  # fmt: skip
     config = json.loads((output / "config.json").read_text())
@@ -76,27 +76,27 @@ def test_a_checkpoint_of_other_sizes_converts_without_config_files(tmp_path, cha
     assert features.shape == (1, 32, 64)
 
 
-def test_a_config_file_that_contradicts_the_shapes_is_refused_naming_both(tmp_path, chat_weights):
-    save_file(smaller_variant(chat_weights), str(tmp_path / "small.safetensors"))
+def test_a_config_file_that_contradicts_the_shapes_is_refused_naming_both(tmp_path, originals, chat_weights):
+    save_file(smaller_variant(chat_weights), str(originals / "small.safetensors"))
     configs = json_file("configs.json")
     with pytest.raises(ValueError, match=r"--llm-config does not describe .*num_layers: --llm-config says 2, the tensors 1"):
         convert_chat(
-            tmp_path / "small.safetensors", PARITY_DIR / "cpmbee_vocab.txt", tmp_path / "out", configs["cpmbee_tiny"],
+            originals / "small.safetensors", PARITY_DIR / "cpmbee_vocab.txt", tmp_path / "out", configs["cpmbee_tiny"],
             {"encoder_attention_heads": 4},
         )  # fmt: skip
     with pytest.raises(ValueError, match="encoder_attention_heads"):  # 48 wide: the head count cannot be guessed
-        convert_chat(tmp_path / "small.safetensors", PARITY_DIR / "cpmbee_vocab.txt", tmp_path / "out")
+        convert_chat(originals / "small.safetensors", PARITY_DIR / "cpmbee_vocab.txt", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
-def test_a_misshapen_key_is_listed_only_as_misshapen(tmp_path, chat_weights):
+def test_a_misshapen_key_is_listed_only_as_misshapen(tmp_path, originals, chat_weights):
     weights = dict(chat_weights)
     weights["mapping.0.weight"] = torch.zeros(3, 3)
-    save_file(weights, str(tmp_path / "bad.safetensors"))
+    save_file(weights, str(originals / "bad.safetensors"))
     configs = json_file("configs.json")
     with pytest.raises(ValueError) as error:
         convert_chat(
-            tmp_path / "bad.safetensors", PARITY_DIR / "cpmbee_vocab.txt", tmp_path / "out", configs["cpmbee_tiny"],
+            originals / "bad.safetensors", PARITY_DIR / "cpmbee_vocab.txt", tmp_path / "out", configs["cpmbee_tiny"],
             configs["beit3_tiny"],
         )  # fmt: skip
     message = str(error.value)
@@ -104,26 +104,26 @@ def test_a_misshapen_key_is_listed_only_as_misshapen(tmp_path, chat_weights):
     assert "missing" not in message and "unexpected" not in message
 
 
-def test_a_vocabulary_larger_than_the_embedding_is_refused(tmp_path, chat_weights):
+def test_a_vocabulary_larger_than_the_embedding_is_refused(tmp_path, originals, chat_weights):
     weights = dict(chat_weights)
     weights["llm.input_embedding.weight"] = weights["llm.input_embedding.weight"][:1000].clone()
-    save_file(weights, str(tmp_path / "small-vocab.safetensors"))
+    save_file(weights, str(originals / "small-vocab.safetensors"))
     with pytest.raises(ValueError, match=r"has 86583 entries but the embedding of .* only 1000 rows"):
-        convert_chat(tmp_path / "small-vocab.safetensors", PARITY_DIR / "cpmbee_vocab.txt", tmp_path / "out",
+        convert_chat(originals / "small-vocab.safetensors", PARITY_DIR / "cpmbee_vocab.txt", tmp_path / "out",
                      vision_config={"encoder_attention_heads": 4})  # fmt: skip
 
 
-def paint_checkpoint(tmp_path, chat_weights) -> tuple:
+def paint_checkpoint(originals, chat_weights) -> tuple:
     weights = {k: v for k, v in chat_weights.items() if k.startswith("llm.")}
     weights.update(load_file(PARITY_DIR / "viscpm_paint_tiny.safetensors"))
-    save_file(weights, str(tmp_path / "paint.safetensors"))
-    return tmp_path / "paint.safetensors", PARITY_DIR / "cpmbee_vocab.txt", PARITY_DIR / "paint_tiny" / "vae"
+    save_file(weights, str(originals / "paint.safetensors"))
+    return originals / "paint.safetensors", PARITY_DIR / "cpmbee_vocab.txt", PARITY_DIR / "paint_tiny" / "vae"
 
 
-def test_the_unet_config_is_read_from_its_tensors(tmp_path, chat_weights):
+def test_the_unet_config_is_read_from_its_tensors(tmp_path, originals, chat_weights):
     """Without --llm-config and with only the UNet's heads and sample size given, the converted UNet config is the
     one the tiny UNet was made with."""
-    checkpoint, vocab, vae = paint_checkpoint(tmp_path, chat_weights)
+    checkpoint, vocab, vae = paint_checkpoint(originals, chat_weights)
     unet_sizes = read_unet_sizes({k: tuple(v.shape) for k, v in load_file(checkpoint).items()}, prefix="unet.")
     tiny = json.loads((PARITY_DIR / "paint_tiny" / "unet" / "config.json").read_text())
     assert unet_sizes == {key: tiny[key] for key in unet_sizes} and len(unet_sizes) == 8
@@ -134,14 +134,14 @@ def test_the_unet_config_is_read_from_its_tensors(tmp_path, chat_weights):
     assert (text["hidden_size"], text["num_hidden_layers"], text["num_attention_heads"]) == (64, 2, 4)
 
 
-def test_unet_widths_without_a_head_count_ask_for_one(tmp_path, chat_weights):
-    checkpoint, vocab, vae = paint_checkpoint(tmp_path, chat_weights)
+def test_unet_widths_without_a_head_count_ask_for_one(tmp_path, originals, chat_weights):
+    checkpoint, vocab, vae = paint_checkpoint(originals, chat_weights)
     with pytest.raises(ValueError, match=r"blocks \[32, 64\] wide.*attention_head_dim"):
         convert_paint(checkpoint, vocab, vae, tmp_path / "out")
 
 
-def test_a_vae_config_that_contradicts_its_weights_is_refused_naming_both(tmp_path, chat_weights):
-    checkpoint, vocab, vae = paint_checkpoint(tmp_path, chat_weights)
+def test_a_vae_config_that_contradicts_its_weights_is_refused_naming_both(tmp_path, originals, chat_weights):
+    checkpoint, vocab, vae = paint_checkpoint(originals, chat_weights)
     other = tmp_path / "vae"
     shutil.copytree(vae, other)
     config = json.loads((other / "config.json").read_text())
