@@ -5,10 +5,13 @@ import shutil
 
 import pytest
 import torch
+from fake_hub import FakeHub
+from huggingface_hub import HfApi, ModelCard
 from parity import PARITY_DIR, json_file, require_parity
 from safetensors.torch import load_file, save_file
 
 from viscpm_hf.convert.cli import main
+from viscpm_hf.hub import is_pickle
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +162,53 @@ def test_paint_check_names_the_non_finite_unet_and_vae_tensors(tmp_path, origina
     assert "--check: 2 tensors" in err and "'unet.conv_in.bias: 32 NaN, 0 inf of 32'" in err
     assert "'diffusion_pytorch_model.safetensors: decoder.conv_out.bias: 0 NaN, 3 inf of 3'" in err
     assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+# --- --push_to_hub, up to the Hub's API ---------------------------------------------------------------------------
+
+
+def test_push_to_hub_uploads_the_converted_folder_byte_for_byte_with_its_card(tmp_path, release, monkeypatch, capsys):
+    hub = FakeHub(monkeypatch)
+    output = tmp_path / "viscpm-chat-tiny"
+    args = ["--push_to_hub", "--hub_model_id", "org/viscpm-chat-tiny", "--hub_token", "hf_secret"]
+    assert main(chat_args(release / "viscpm_chat.safetensors", output, *args)) == 0
+    assert hub.repos == [{"repo_id": "org/viscpm-chat-tiny", "token": "hf_secret", "private": None, "exist_ok": True}]
+    assert hub.commit["repo_id"] == "org/viscpm-chat-tiny" and hub.commit["token"] == "hf_secret"
+    assert hub.commit["message"] == "viscpm-convert chat of viscpm_chat.safetensors"
+    files = hub.commit["files"]
+    assert files == contents(output) and {"model.safetensors", "config.json", "README.md", "vocab.txt"} <= set(files)
+    assert not [name for name in files if is_pickle(output / name)]
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.base_model == "openbmb/VisCPM-Chat" and card.data.license_name == "general-model-license"
+    assert 'AutoModelForImageTextToText.from_pretrained("org/viscpm-chat-tiny")' in card.text  # where it now lives
+    out = capsys.readouterr().out
+    assert f"wrote {output}\nuploaded to https://huggingface.co/org/viscpm-chat-tiny/commit/" in out
+
+
+def test_push_to_hub_without_a_login_is_refused_before_converting(tmp_path, release, monkeypatch, capsys):
+    hub = FakeHub(monkeypatch)
+    monkeypatch.setattr("viscpm_hf.hub.get_token", lambda: None)
+    assert main(chat_args(release / "viscpm_chat.safetensors", tmp_path / "out", "--push-to-hub")) == 1
+    err = capsys.readouterr().err
+    assert "needs a Hugging Face token" in err and "hf auth login" in err
+    assert not (tmp_path / "out").exists() and hub.repos == []
+    assert main(chat_args(release / "viscpm_chat.safetensors", tmp_path / "out", "--push_to_hub", "--hub_model_id",
+                          "a/b/c", "--hub_token", "hf_secret")) == 1  # fmt: skip
+    assert "Repo id must" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_failed_upload_keeps_the_folder_and_says_how_to_upload_it(tmp_path, release, monkeypatch, capsys):
+    hub = FakeHub(monkeypatch)
+
+    def refuse(api, repo_id, operations, **kwargs):
+        raise OSError("403 Forbidden: no write access")
+
+    monkeypatch.setattr(HfApi, "create_commit", refuse)
+    output = tmp_path / "viscpm-chat-tiny"
+    args = ["--push-to-hub", "--hub-token", "hf_secret", "--hub-private-repo"]  # the converter's own spelling
+    assert main(chat_args(release / "viscpm_chat.safetensors", output, *args)) == 1
+    # The repo defaults to the output folder's name; --hub-private-repo asks for a private one.
+    assert hub.repos == [{"repo_id": "viscpm-chat-tiny", "token": "hf_secret", "private": True, "exist_ok": True}]
+    err = capsys.readouterr().err
+    assert "uploading to viscpm-chat-tiny failed: 403 Forbidden" in err
+    assert f"upload it later with `hf upload viscpm-chat-tiny {output}`" in err and (output / "model.safetensors").is_file()

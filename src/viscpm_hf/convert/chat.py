@@ -179,11 +179,13 @@ def convert_chat(
     max_shard_size: str | int = "1GB",
     overwrite: bool = False,
     check: bool = False,
+    repo_id: str | None = None,
 ) -> Path:
     """Writes a complete `AutoModelForImageTextToText` folder; returns its path.
 
     `llm_config` / `vision_config` (original config keys) are needed only for what the checkpoint's shapes do not
     tell; `check` refuses, listing them, tensors holding NaN or infinite values (after the cast to `dtype`).
+    `repo_id` is the Hub id the model card's usage snippet loads (default: the output folder's name).
     """
     if not Path(vocab).is_file():
         raise FileNotFoundError(f"Vocabulary not found: {str(vocab)!r} (the original vocabs/bee.txt).")
@@ -220,7 +222,8 @@ def convert_chat(
         config.save_pretrained(folder)
         generation_config.save_pretrained(folder)
         processor.save_pretrained(folder)
-        write_model_card(folder / "README.md", "chat", checkpoint=Path(checkpoint).name, config=config, repo_id=Path(output).name)
+        card_repo = repo_id or Path(output).name
+        write_model_card(folder / "README.md", "chat", checkpoint=Path(checkpoint).name, config=config, repo_id=card_repo)
         (folder / "conversion.json").write_text(
             json.dumps({"source": Path(checkpoint).name, "tensors": len(plan)}, indent=2) + "\n"
         )

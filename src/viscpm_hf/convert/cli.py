@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..hub import check_hub_target, push_to_hub
 from .checkpoint import refuse_output_over_inputs
 
 
@@ -27,6 +28,26 @@ def read_json(path: str | None) -> dict | None:
         raise SystemExit(f"error: config file not found: {path}")
     except json.JSONDecodeError as error:
         raise SystemExit(f"error: {path} is not valid JSON ({error})")
+
+
+def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
+    # Both spellings: the converter's own (dashes) and the Trainer's (underscores), which the training scripts take.
+    parser.add_argument(
+        "--push-to-hub", "--push_to_hub", dest="push_to_hub", action="store_true",
+        help="upload the finished folder to the Hub, after checking it (no pickled file, a complete model card)",
+    )
+    parser.add_argument(
+        "--hub-model-id", "--hub_model_id", dest="hub_model_id",
+        help="the repo: user/name, or name for the token's user (default: the output folder's name); the model card's "
+        "usage snippet loads it",
+    )
+    parser.add_argument(
+        "--hub-token", "--hub_token", dest="hub_token", help="a token with write access (default: `hf auth login`'s)"
+    )
+    parser.add_argument(
+        "--hub-private-repo", "--hub_private_repo", dest="hub_private_repo", action="store_true",
+        help="create the repo private (an existing repo keeps its visibility)",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-shard-size", default="1GB", help="largest safetensors shard (default 1GB)")
     chat.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     chat.add_argument("--check", action="store_true", help=CHECK_HELP)
+    add_hub_arguments(chat)
 
     paint = commands.add_parser("paint", help="VisCPM-Paint (CPM-Bee + transblock + SD-2.1 UNet) -> diffusers pipeline folder")
     paint.add_argument("--checkpoint", required=True, help="original .pt / .bin / .safetensors file")
@@ -73,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     paint.add_argument("--max-shard-size", default="1GB", help="largest safetensors shard (default 1GB)")
     paint.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     paint.add_argument("--check", action="store_true", help=CHECK_HELP)
+    add_hub_arguments(paint)
     return parser
 
 
@@ -93,11 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     common = {
         "dtype": DTYPES.get(args.dtype), "max_shard_size": args.max_shard_size, "overwrite": args.overwrite,
-        "check": args.check,
+        "check": args.check, "repo_id": args.hub_model_id,
     }  # fmt: skip
+    repo_id = args.hub_model_id or Path(args.output).resolve().name
     show_notes()
     llm_config = read_json(args.llm_config)
     try:
+        if args.push_to_hub:  # before a conversion that may take an hour
+            check_hub_target(repo_id, args.hub_token)
         # The converters protect their weights and vocabulary; the config files are inputs too.
         configs = [args.llm_config, getattr(args, "vision_config", None), getattr(args, "unet_config", None)]
         refuse_output_over_inputs(args.output, configs)
@@ -115,4 +141,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"wrote {output}")
+    if args.push_to_hub:
+        try:
+            commit = push_to_hub(
+                output, repo_id, token=args.hub_token, private=args.hub_private_repo or None,
+                commit_message=f"viscpm-convert {args.command} of {Path(args.checkpoint).name}",
+            )  # fmt: skip
+        except (OSError, ValueError) as error:  # the Hub's errors are OSErrors
+            print(f"error: uploading to {repo_id} failed: {error}", file=sys.stderr)
+            print(f"The folder is complete: upload it later with `hf upload {repo_id} {output}`.", file=sys.stderr)
+            return 1
+        print(f"uploaded to {commit.commit_url}")
     return 0

@@ -256,6 +256,7 @@ def convert_paint(
     max_shard_size: str | int = "1GB",
     overwrite: bool = False,
     check: bool = False,
+    repo_id: str | None = None,
 ) -> Path:
     """Writes a complete `VisCPMPaintPipeline` folder; returns its path.
 
@@ -263,6 +264,7 @@ def convert_paint(
     the transblock stays float32, as the original keeps it. `llm_config` (original keys) and `unet_config` (a
     diffusers UNet config) are needed only for what the shapes do not tell. `check` refuses, listing them, tensors
     holding NaN or infinite values.
+    `repo_id` is the Hub id the model card's usage snippet loads (default: the output folder's name).
     """
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"Checkpoint not found: {str(checkpoint)!r}.")
@@ -335,7 +337,7 @@ def convert_paint(
             "paint",
             checkpoint=Path(checkpoint).name,
             config=text_config,
-            repo_id=Path(output).name,
+            repo_id=repo_id or Path(output).name,
         )
         (folder / "conversion.json").write_text(
             json.dumps(
