@@ -23,7 +23,10 @@ with `--lora` and no `--merge_adapters`, the adapter), `train_log.json`, `traini
 `checkpoint-N/` folders beside it. `--resume_from_checkpoint latest` continues from the newest complete checkpoint;
 half-written ones (a crash during a save) are reported and set aside.
 
-Any `SFTConfig` / `TrainingArguments` flag works too (`--learning_rate`, `--save_steps`, `--bf16`, ...).
+Any `SFTConfig` / `TrainingArguments` flag works too (`--learning_rate`, `--save_steps`, `--bf16`, ...). The Trainer's
+`--push_to_hub` (with `--hub_model_id`, `--hub_token`, `--hub_private_repo`) uploads `model/` once exported, not the
+checkpoints; the card names the base model, licence and languages of the starting model's card unless
+`--base_model`, `--license` or `--language` say otherwise.
 """
 
 import json
@@ -39,6 +42,7 @@ from typing import Literal
 
 import torch
 from accelerate import PartialState
+from huggingface_hub import ModelCardData
 from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser
 from trl import SFTConfig, SFTTrainer
 
@@ -54,6 +58,7 @@ from viscpm_hf.chat.training import (
     write_json_atomically,
 )
 from viscpm_hf.data import caption_dataset, conversation_dataset, image_text_dataset, mix_languages, split_assistant_turns
+from viscpm_hf.hub import check_hub_target, derived_metadata, missing_metadata, push_to_hub, write_card
 
 
 logger = logging.getLogger("train_chat")
@@ -105,6 +110,17 @@ class ScriptArguments:
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     merge_adapters: bool = field(default=False, metadata={"help": "Merge LoRA adapters into the saved model."})
+    base_model: str | None = field(
+        default=None,
+        metadata={"help": "Hub id the model card names as the base model (default: --model_name_or_path if it is a "
+                  "Hub id, else the base model of that folder's card)."},
+    )  # fmt: skip
+    license: str | None = field(
+        default=None, metadata={"help": "Licence id for the model card (default: the starting model's card's)."}
+    )
+    language: list[str] | None = field(
+        default=None, metadata={"help": "Languages for the model card (default: the starting model's card's)."}
+    )
 
 
 def load_data(source: str, args: ScriptArguments, seed: int):
@@ -226,6 +242,11 @@ def main(argv: list[str] | None = None) -> SFTTrainer:
     args, training = parser.parse_args_into_dataclasses(args=argv)
     args.lora = args.lora or args.qlora
     check_arguments(args, training)
+    card = derived_metadata(args.model_name_or_path, base_model=args.base_model, license=args.license,
+                            language=args.language)  # fmt: skip
+    repo_id = hub_repo(training, card) if training.push_to_hub else None
+    # The Trainer would upload output_dir, checkpoints and all, at every save; model/ goes up once exported instead.
+    training.push_to_hub = False
     processor = AutoProcessor.from_pretrained(args.model_name_or_path)
     structured = is_structured_chat(processor)
     # Vision data: the processor pads. Generic LLMs: TRL's collator with the loss on assistant turns (from the
@@ -262,8 +283,33 @@ def main(argv: list[str] | None = None) -> SFTTrainer:
     set_fsdp_units(trainer)
     warn_if_not_sharded(trainer)
     trainer.train(resume_from_checkpoint=resolve_resume(training))
-    export(trainer, processor, args, training)
+    folder = export(trainer, processor, args, training, card, repo_id)
+    if repo_id and PartialState().is_main_process:
+        upload(folder, repo_id, training, f"train_chat.py: stage {args.stage}, {trainer.state.global_step} steps")
     return trainer
+
+
+def hub_repo(training: SFTConfig, card: dict) -> str:
+    """The repo --push_to_hub uploads to (by default, as the Trainer's, the output folder's name), checked before
+    training: a valid id, a login, and a model card that will be complete."""
+    repo_id = training.hub_model_id or Path(training.output_dir).absolute().name
+    try:
+        check_hub_target(repo_id, training.hub_token, card)
+    except ValueError as error:
+        raise SystemExit(f"error: --push_to_hub: {error}")
+    return repo_id
+
+
+def upload(folder: Path, repo_id: str, training: SFTConfig, message: str) -> None:
+    try:
+        commit = push_to_hub(folder, repo_id, token=training.hub_token, private=training.hub_private_repo,
+                             commit_message=message)  # fmt: skip
+    except (OSError, ValueError) as error:  # the Hub's errors are OSErrors
+        raise SystemExit(
+            f"error: uploading to {repo_id} failed ({error}). {folder} is complete: upload it later with "
+            f"`hf upload {repo_id} {folder}`."
+        )
+    logger.info("Uploaded %s to %s.", folder, commit.commit_url)
 
 
 def set_fsdp_units(trainer: SFTTrainer) -> None:
@@ -286,7 +332,9 @@ def warn_if_not_sharded(trainer: SFTTrainer) -> None:
             )
 
 
-def export(trainer: SFTTrainer, processor, args: ScriptArguments, training: SFTConfig) -> Path:
+def export(
+    trainer: SFTTrainer, processor, args: ScriptArguments, training: SFTConfig, card: dict, repo_id: str | None = None
+) -> Path:
     """Writes `output_dir/model`, a folder to load or upload as is, and the run's log and arguments beside it.
 
     The folder is written under a hidden name and renamed once complete. It holds the weights (safetensors), the
@@ -309,7 +357,7 @@ def export(trainer: SFTTrainer, processor, args: ScriptArguments, training: SFTC
         shutil.rmtree(adapter)
     if state.is_main_process:
         (partial / "training_args.bin").unlink(missing_ok=True)
-        write_model_card(partial / "README.md", trainer, args, adapter=args.lora and not args.merge_adapters)
+        write_model_card(partial / "README.md", trainer, args, args.lora and not args.merge_adapters, card, repo_id)
         if final.exists():
             previous = output_dir / f".{EXPORT_FOLDER}.previous"
             shutil.rmtree(previous, ignore_errors=True)
@@ -339,17 +387,7 @@ def merge_adapter(base: str, adapter: Path, output: Path) -> None:
     PeftModel.from_pretrained(model, adapter).merge_and_unload().save_pretrained(output)
 
 
-CARD = """---
-library_name: {library}
-pipeline_tag: image-text-to-text
-{base_model}tags:
-  - viscpm
-  - mpm
-  - trl
-  - sft{lora_tag}
----
-
-# {what} trained with MPM {stage}
+CARD = """# {what} trained with MPM {stage}
 
 Trained from `{base}` with `examples/train_chat.py` of viscpm-hf (TRL `SFTTrainer`) on `{data}`: {steps} steps,
 final training loss {loss:.4f}. Trained: {trained}. The base model's licence applies to these weights.
@@ -358,15 +396,19 @@ final training loss {loss:.4f}. Trained: {trained}. The base model's licence app
 import viscpm_hf  # registers the VisCPM classes
 from transformers import AutoModelForImageTextToText, AutoProcessor
 {load}
-processor = AutoProcessor.from_pretrained("path/to/this/folder")
+processor = AutoProcessor.from_pretrained("{where}")
 answer, history = model.chat("photo.jpg", "What is in the picture?", processor)
 ```
 """
 
 
-def write_model_card(path: Path, trainer: SFTTrainer, args: ScriptArguments, adapter: bool) -> None:
-    """A short card: what was trained, from what, on which data, and how to load it."""
+def write_model_card(
+    path: Path, trainer: SFTTrainer, args: ScriptArguments, adapter: bool, card: dict, repo_id: str | None
+) -> None:
+    """A short card: what was trained, from what, on which data, and how to load it (from `repo_id` once pushed);
+    `card` gives the base model, licence and languages."""
     base = args.model_name_or_path
+    where = repo_id or "path/to/this/folder"
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     trained = ["the bridge"] + (["the vision tower"] if args.tune_vision else [])
     if args.lora:
@@ -375,13 +417,10 @@ def write_model_card(path: Path, trainer: SFTTrainer, args: ScriptArguments, ada
         trained.append("the LLM")
     if adapter:
         load = (f'from peft import PeftModel\n\nmodel = AutoModelForImageTextToText.from_pretrained("{base}")\n'
-                'model = PeftModel.from_pretrained(model, "path/to/this/folder")')  # fmt: skip
+                f'model = PeftModel.from_pretrained(model, "{where}")')  # fmt: skip
     else:
-        load = '\nmodel = AutoModelForImageTextToText.from_pretrained("path/to/this/folder")'
-    card = CARD.format(
-        library="peft" if adapter else "transformers",
-        base_model="" if Path(base).is_dir() else f"base_model: {base}\n",
-        lora_tag="\n  - lora" if adapter else "",
+        load = f'\nmodel = AutoModelForImageTextToText.from_pretrained("{where}")'
+    body = CARD.format(
         what="LoRA adapter" if adapter else "VisCPM-Chat",
         stage="stage 1 (captions, LLM frozen)" if args.stage == "pretrain" else "stage 2 (instructions)",
         base=base,
@@ -390,8 +429,19 @@ def write_model_card(path: Path, trainer: SFTTrainer, args: ScriptArguments, ada
         loss=losses[-1] if losses else float("nan"),
         trained=", ".join(trained),
         load=load,
+        where=where,
     )
-    path.write_text(card, encoding="utf-8")
+    tags = ["viscpm", "mpm", "trl", "sft"] + (["lora"] if adapter else [])
+    data = ModelCardData(
+        library_name="peft" if adapter else "transformers", pipeline_tag="image-text-to-text", tags=tags, **card
+    )
+    missing = missing_metadata(data)
+    if missing:
+        logger.warning(
+            "The model card lacks %s (the card of %s does not give them): pass --base_model / --license / --language "
+            "to complete it.", ", ".join(missing), base,
+        )  # fmt: skip
+    write_card(path, data, body)
 
 
 if __name__ == "__main__":

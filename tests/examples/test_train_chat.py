@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from fake_hub import FakeHub
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from tiny_models import make_chat_model, make_processor, random_image
 from transformers import AutoModelForImageTextToText
@@ -228,3 +230,22 @@ def test_two_processes_with_accelerate(workspace, tmp_path):
     # 4 examples, 2 per device: two processes finish an epoch per step, one process every two steps.
     assert json.loads((tmp_path / "out" / "train_log.json").read_text())[-1]["epoch"] == 2.0
     assert (exported(tmp_path) / "model.safetensors").is_file()
+
+
+def test_push_to_hub_needs_what_the_card_cannot_inherit_and_uploads_the_export(workspace, tmp_path, monkeypatch):
+    """The starting folder has no card: --push_to_hub stops before training until the flags complete it."""
+    hub = FakeHub(monkeypatch)
+    with pytest.raises(SystemExit, match="would lack its base_model, license, language: .* pass --base_model / "
+                                         "--license / --language"):  # fmt: skip
+        run(workspace, tmp_path, "--push_to_hub", "--hub_token", "hf_secret")
+    assert hub.repos == []
+    run(workspace, tmp_path, "--max_steps", "1", "--lora", "--push_to_hub", "--hub_token", "hf_secret",
+        "--base_model", "org/tiny-llm", "--license", "apache-2.0", "--language", "en")  # fmt: skip
+    assert hub.repos[0]["repo_id"] == "out"  # as the Trainer's default: the output folder's name
+    assert hub.commit["repo_id"] == "user/out"  # under the token's user
+    files = hub.commit["files"]
+    assert set(files) == {p.name for p in exported(tmp_path).iterdir()} >= {"adapter_model.safetensors", "README.md"}
+    card = ModelCard(files["README.md"].decode()).data
+    assert (card.library_name, card.base_model, card.license) == ("peft", "org/tiny-llm", "apache-2.0")
+    assert card.language == ["en"]
+    assert "lora" in card.tags and card.pipeline_tag == "image-text-to-text"

@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 from example_scripts import ROOT, load_example
+from fake_hub import FakeHub
+from huggingface_hub import ModelCard
 from parity import PARITY_DIR, json_file, tensors
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -243,3 +245,23 @@ def test_two_processes_train_as_one_with_the_whole_batch(cpmbee_chat, chat_works
     ddp, one = ([e["loss"] for e in json.loads((tmp_path / name / "train_log.json").read_text())] for name in ("ddp", "one"))
     assert len(ddp) == 3 and ddp == pytest.approx(one, rel=1e-4)
     assert (tmp_path / "ddp" / "model" / "model.safetensors").is_file()
+
+
+def test_push_to_hub_uploads_the_exported_model_and_the_trainer_uploads_nothing(cpmbee_chat, chat_workspace, tmp_path,
+                                                                                monkeypatch):  # fmt: skip
+    hub = FakeHub(monkeypatch)
+    out = tmp_path / "run"
+    run(cpmbee_chat, chat_workspace, out, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1",
+        "--push_to_hub", "--hub_model_id", "org/tiny-sft", "--hub_token", "hf_secret", "--language", "en", "zh", "de")  # fmt: skip
+    # One repo and one commit, after training: the Trainer's own pushes (output_dir, at every save) never ran.
+    assert hub.repos == [{"repo_id": "org/tiny-sft", "token": "hf_secret", "private": None, "exist_ok": True}]
+    files = hub.commit["files"]
+    assert files == {name: (out / "model" / name).read_bytes() for name in HUB_FILES}
+    assert (out / "checkpoint-2").is_dir() and hub.commit["message"] == "train_chat.py: stage sft, 2 steps"
+    card = ModelCard(files["README.md"].decode())
+    converted = ModelCard.load(cpmbee_chat / "README.md").data  # the starting folder's card passes on its metadata
+    assert (card.data.base_model, card.data.license_link) == (converted.base_model, converted.license_link)
+    assert card.data.language == ["en", "zh", "de"] and card.data.library_name == "transformers"
+    assert 'from_pretrained("org/tiny-sft")' in card.text
+    arguments = (out / "training_args.json").read_text()
+    assert json.loads(arguments)["hub_model_id"] == "org/tiny-sft" and "hf_secret" not in arguments
