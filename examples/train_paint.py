@@ -4,7 +4,7 @@ The multilingual LLM (the text encoder) and the VAE stay frozen: no gradients, n
 only placed on the device, never prepared. The transblock and the UNet's cross-attention layers (`attn2`) learn
 from English image-caption pairs; `--train_unet full` trains the whole UNet (small UNets trained from scratch).
 `--lora_rank R` trains a rank-R LoRA of the cross-attention layers instead, with the transblock as loaded: a small
-`pytorch_lora_weights.safetensors` that `pipe.load_lora_weights(output_dir)` puts into the base pipeline.
+`pytorch_lora_weights.safetensors` that `pipe.load_lora_weights(f"{output_dir}/pipeline")` puts into the base pipeline.
 The loss is the MSE between the UNet's prediction (noise, or the scheduler's prediction type) and its target on
 VAE latents with uniformly drawn timesteps; `--caption_dropout` replaces captions by "" so that classifier-free
 guidance works at sampling time. The paper trains at 256 x 256, then continues at 512 x 512 from that checkpoint.
@@ -14,10 +14,13 @@ guidance works at sampling time. The paper trains at 256 x 256, then continues a
     accelerate launch --config_file examples/configs/deepspeed_zero2.yaml examples/train_paint.py ...
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 examples/train_paint.py ...   # 2 CPU processes
 
-The result is a pipeline folder: `VisCPMPaintPipeline.from_pretrained(output_dir)`, or
-`DiffusionPipeline.from_pretrained(output_dir)` after `import viscpm_hf` (with `--lora_rank`: the LoRA file, loaded
-into the base pipeline with `load_lora_weights`). `train_log.jsonl` holds the loss of every step; `checkpoint-N/`
-folders resume with `--resume_from_checkpoint latest`.
+Outputs, in `--output_dir`: `pipeline/`, the folder to load or upload as is (safetensors, json configs, tokenizer
+files and a model card; no optimizer state or pickle): `VisCPMPaintPipeline.from_pretrained(f"{output_dir}/pipeline")`,
+or `DiffusionPipeline.from_pretrained(...)` after `import viscpm_hf` (with `--lora_rank`: the LoRA file, loaded into the
+base pipeline with `load_lora_weights`). It is written under a hidden name and renamed once complete, so a killed run
+never leaves half a pipeline and an earlier one stays until the new one is whole. Beside it: `train_log.jsonl` (the
+loss of every step), `validation/` images and the `checkpoint-N/` folders that `--resume_from_checkpoint latest`
+continues from.
 """
 
 import argparse
@@ -40,7 +43,7 @@ import torch.nn.functional as F
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, ProjectConfiguration
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, ProjectConfiguration
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -69,6 +72,7 @@ logger = get_logger(__name__, log_level="INFO")
 
 PROGRESS_FILE = "training_progress.json"  # inside every checkpoint: where the run stood
 LOG_FILE = "train_log.jsonl"  # one line per optimizer step: step, epoch, loss, lr
+EXPORT_FOLDER = "pipeline"  # inside --output_dir: the trained pipeline (or LoRA), to load or upload as is
 
 
 def read_log_rows(path: Path) -> list[dict]:
@@ -97,8 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="attn2: train the UNet's cross-attention layers only (the paper); full: the whole UNet.")
     add("--lora_rank", type=int, default=None,
         help="Train a LoRA of this rank on the cross-attention layers (to_q, to_k, to_v, to_out.0 of every attn2) "
-             "instead of the layers themselves; the transblock stays as loaded. The output folder then holds "
-             "pytorch_lora_weights.safetensors, for pipe.load_lora_weights(output_dir) on the base pipeline.")
+             "instead of the layers themselves; the transblock stays as loaded. OUTPUT_DIR/pipeline then holds "
+             "pytorch_lora_weights.safetensors, for pipe.load_lora_weights('OUTPUT_DIR/pipeline') on the base pipeline.")
     add("--lora_alpha", type=float, default=None,
         help="LoRA alpha (the update is scaled by alpha / rank); default: the rank, a scale of 1.")
     add("--prediction_type", choices=["epsilon", "v_prediction", "sample"], default=None,
@@ -158,7 +162,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--ema_decay", type=float, default=0.9999, help="Highest EMA decay (it warms up from 0).")
     add("--seed", type=int, default=0, help="Seed of the data order, augmentations, caption dropout, noise and timesteps.")
     # Checkpoints, validation, logging
-    add("--output_dir", default="viscpm-paint-finetuned", help="Where the pipeline, checkpoints and logs go.")
+    add("--output_dir", default="viscpm-paint-finetuned",
+        help="The run's folder: the trained pipeline in OUTPUT_DIR/pipeline, the checkpoints, logs and validation images "
+             "beside it.")
     add("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps (0: never).")
     add("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
     add("--resume_from_checkpoint", default=None,
@@ -226,6 +232,28 @@ def lora_config(rank: int, alpha: float | None) -> LoraConfig:
         r=rank, lora_alpha=rank if alpha is None else alpha, init_lora_weights="gaussian",
         target_modules=r".*\.attn2\.(to_q|to_k|to_v|to_out\.0)",
     )  # fmt: skip
+
+
+def set_fsdp_units(plugin: FullyShardedDataParallelPlugin, unet: torch.nn.Module) -> None:
+    """An FSDP config without a layer list (examples/configs/fsdp.yaml): the units are the UNet's `_no_split_modules`
+    classes it contains. diffusers lists up-block classes there that a UNet may lack (`UpBlock2D`), and accelerate
+    refuses a class the model does not have."""
+    if plugin.transformer_cls_names_to_wrap is None:
+        from viscpm_hf.chat.training import fsdp_wrap_classes
+
+        plugin.transformer_cls_names_to_wrap = fsdp_wrap_classes(unet)
+        logger.info(f"FSDP units: {', '.join(plugin.transformer_cls_names_to_wrap)}")
+
+
+def warn_if_not_sharded(accelerator: Accelerator) -> None:
+    """accelerate turns FSDP and DeepSpeed on only for GPU runs; elsewhere such a config trains as DDP."""
+    for kind in SHARDED:
+        asked = os.environ.get(f"ACCELERATE_USE_{kind.value}", "false").lower() == "true"
+        if asked and accelerator.distributed_type != kind:
+            logger.warning(
+                f"The accelerate config asks for {kind.value}, but this run is {accelerator.distributed_type.value} "
+                f"(accelerate enables {kind.value} on GPUs only): every process holds the whole model."
+            )
 
 
 def step_generator(seed: int, micro_step: int, process_index: int) -> torch.Generator:
@@ -448,15 +476,18 @@ def run_validation(pipeline: VisCPMPaintPipeline, args, accelerator: Accelerator
     return images
 
 
-def write_model_card(args, trained_count: int, examples: int, global_step: int, processes: int) -> None:
+def write_model_card(path: Path, args, trained_count: int, examples: int, global_step: int, processes: int) -> None:
+    """The README.md of the exported folder: what was trained, from what, how, and how to load it."""
     trained = "the transblock and the " + ("UNet's cross-attention layers" if args.train_unet == "attn2" else "whole UNet")
-    prompts = "\n".join(f"- `{p}` (validation/final/{i:02d}.png)" for i, p in enumerate(args.validation_prompts or []))
+    prompts = "\n".join(f"- `{p}`" for p in args.validation_prompts or [])
+    if prompts:  # the images stay beside the export, in the run's folder
+        prompts = f"Sampled after training (images in the training run's `validation/final/`):\n\n{prompts}"
     name = Path(args.output_dir).resolve().name
-    load = f'pipe = VisCPMPaintPipeline.from_pretrained("{name}")'
+    load = 'pipe = VisCPMPaintPipeline.from_pretrained("path/to/this/folder")'
     if args.lora_rank:
         trained = f"rank-{args.lora_rank} LoRA weights of the UNet's cross-attention layers (the transblock is the base's)"
         load = (f'pipe = VisCPMPaintPipeline.from_pretrained("{args.pretrained_model_name_or_path}")\n'
-                f'pipe.load_lora_weights("{name}")  # its weight per call: cross_attention_kwargs={{"scale": 0.8}}')
+                'pipe.load_lora_weights("path/to/this/folder")  # its weight per call: cross_attention_kwargs={"scale": 0.8}')
     local = Path(args.pretrained_model_name_or_path).exists()
     base_model = "" if local else f"\nbase_model: {args.pretrained_model_name_or_path}"  # Hub ids only
     lora_tag, kind = ("\n  - lora", "LoRA") if args.lora_rank else ("", "pipeline")
@@ -515,7 +546,40 @@ image = pipe("a red apple", generator=torch.Generator().manual_seed(0)).images[0
 Images can be wrong, biased or unsafe; no safety checker is included unless the base pipeline had one. The licences
 of the base model's weights apply to this derivative.
 """
-    Path(args.output_dir, "README.md").write_text(card, encoding="utf-8")
+    path.write_text(card, encoding="utf-8")
+
+
+# The export
+
+
+def trained_pipeline(args: argparse.Namespace, trained_state: dict[str, torch.Tensor]) -> VisCPMPaintPipeline:
+    """The pretrained pipeline with the trained parameters (`unet.*`, `transblock.*` names of the denoiser) put in."""
+    final = VisCPMPaintPipeline.from_pretrained(args.pretrained_model_name_or_path)
+    parts = {"unet.": {}, "transblock.": {}}
+    for name, value in trained_state.items():
+        prefix = "unet." if name.startswith("unet.") else "transblock."
+        parts[prefix][name.removeprefix(prefix)] = value
+    missing, unexpected = final.unet.load_state_dict(parts["unet."], strict=False)
+    if unexpected or (args.train_unet == "full" and missing):
+        raise RuntimeError(f"The trained UNet weights do not fit the base UNet: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    # Buffers (e.g. the transblock's language directions) are not trained: they stay as loaded.
+    missing, unexpected = final.transblock.load_state_dict(parts["transblock."], strict=False)
+    if unexpected or set(missing) & {name for name, _ in final.transblock.named_parameters()}:
+        raise RuntimeError(f"The trained transblock weights do not fit: missing {missing}, unexpected {unexpected}")
+    if args.prediction_type is not None:
+        final.scheduler.register_to_config(prediction_type=args.prediction_type)
+    return final
+
+
+def replace_folder(partial: Path, final: Path) -> None:
+    """Puts the complete folder `partial` at `final`. An earlier `final` is moved aside and deleted only after the
+    rename, so a kill at any moment leaves each export whole under some name, never a half one at `final`."""
+    previous = final.with_name(f".{final.name}.previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    if final.exists():
+        final.rename(previous)
+    partial.rename(final)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -544,6 +608,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for library in (datasets, transformers, diffusers):
         library.utils.logging.set_verbosity(logging.ERROR if quiet else logging.WARNING)
     logging.getLogger("viscpm_hf").setLevel(logging.ERROR if quiet else logging.INFO)
+    warn_if_not_sharded(accelerator)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         deepspeed_steps = accelerator.state.deepspeed_plugin.deepspeed_config.get("gradient_accumulation_steps")
         if deepspeed_steps not in ("auto", args.gradient_accumulation_steps):
@@ -639,6 +704,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=max_train_steps * accelerator.num_processes,
     )  # fmt: skip
+    if accelerator.distributed_type == DistributedType.FSDP:
+        set_fsdp_units(accelerator.state.fsdp_plugin, pipeline.unet)
     denoiser, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         denoiser, optimizer, train_dataloader, lr_scheduler
     )
@@ -747,7 +814,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 break
     progress_bar.close()
 
-    # 8. The pipeline: the pretrained folder with the trained (or EMA) parameters put in, saved with save_pretrained.
+    # 8. The export: the pretrained pipeline with the trained (or EMA) parameters put in (or the LoRA weights), written
+    # to a hidden folder and renamed to output_dir/pipeline once complete.
     accelerator.wait_for_everyone()
     if ema is not None:
         ema.copy_to(trained_parameters)
@@ -764,35 +832,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     del ema, trained_parameters, dataset, cache, empty_states
     accelerator.free_memory()
     gc.collect()
-    if accelerator.is_main_process and args.lora_rank:
-        VisCPMPaintPipeline.save_lora_weights(
-            output_dir, unet_lora_layers=lora_layers, unet_lora_adapter_metadata=lora_metadata
-        )
-        write_model_card(args, sum(v.numel() for v in trained_state.values()), examples, global_step, processes)
-        logger.info(f"Saved the LoRA weights to {output_dir}")
-        if args.validation_prompts:  # through load_lora_weights, as users load them
-            final = VisCPMPaintPipeline.from_pretrained(args.pretrained_model_name_or_path)
-            final.load_lora_weights(output_dir)
-            run_validation(final.to(accelerator.device), args, accelerator, global_step, "final", torch.float32)
-    elif accelerator.is_main_process:
-        final = VisCPMPaintPipeline.from_pretrained(args.pretrained_model_name_or_path)
-        parts = {"unet.": {}, "transblock.": {}}
-        for name, value in trained_state.items():
-            prefix = "unet." if name.startswith("unet.") else "transblock."
-            parts[prefix][name.removeprefix(prefix)] = value
-        missing, unexpected = final.unet.load_state_dict(parts["unet."], strict=False)
-        if unexpected or (args.train_unet == "full" and missing):
-            raise RuntimeError(f"The trained UNet weights do not fit the base UNet: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        # Buffers (e.g. the transblock's language directions) are not trained: they stay as loaded.
-        missing, unexpected = final.transblock.load_state_dict(parts["transblock."], strict=False)
-        if unexpected or set(missing) & {name for name, _ in final.transblock.named_parameters()}:
-            raise RuntimeError(f"The trained transblock weights do not fit: missing {missing}, unexpected {unexpected}")
-        if args.prediction_type is not None:
-            final.scheduler.register_to_config(prediction_type=args.prediction_type)
-        final.save_pretrained(output_dir)
-        write_model_card(args, sum(v.numel() for v in trained_state.values()), examples, global_step, processes)
-        logger.info(f"Saved the pipeline to {output_dir}")
+    if accelerator.is_main_process:
+        export, partial = output_dir / EXPORT_FOLDER, output_dir / f".{EXPORT_FOLDER}.partial"
+        shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while exporting
+        if args.lora_rank:
+            VisCPMPaintPipeline.save_lora_weights(
+                partial, unet_lora_layers=lora_layers, unet_lora_adapter_metadata=lora_metadata
+            )
+        else:
+            final = trained_pipeline(args, trained_state)
+            final.save_pretrained(partial)
+        write_model_card(partial / "README.md", args, sum(v.numel() for v in trained_state.values()), examples,
+                         global_step, processes)  # fmt: skip
+        replace_folder(partial, export)
+        logger.info(f"Saved the {'LoRA weights' if args.lora_rank else 'pipeline'} to {export}")
         if args.validation_prompts:
+            if args.lora_rank:  # through load_lora_weights, as users load them
+                final = VisCPMPaintPipeline.from_pretrained(args.pretrained_model_name_or_path)
+                final.load_lora_weights(export)
             run_validation(final.to(accelerator.device), args, accelerator, global_step, "final", torch.float32)
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -40,6 +40,7 @@ from viscpm_hf.pivots import load_minilm, load_multilingual_e5, sentence_embeddi
 
 
 EXAMPLES = Path(__file__).resolve().parents[1]
+TRAINED = "pipeline"  # train_paint.py exports the trained pipeline into this subfolder of its --output_dir
 ENCODERS = {"e5": load_multilingual_e5, "minilm": load_minilm}
 ENCODER_NAMES = {"e5": "multilingual-e5-small (pivot)", "minilm": "all-MiniLM-L6-v2 (English only)"}
 DEMO_EMOJI = ("🐘", "🍎", "🐱", "🏠", "🚗", "☀️")  # always in the training set: the README's demo prompts them
@@ -162,7 +163,7 @@ def build_initial_pipeline(args, encoder: str, folder: Path, train) -> None:
 
 
 def train_pipeline(args, data_dir: Path, init: Path, out: Path, offsets: Path | None = None) -> float:
-    if (out / "model_index.json").is_file():
+    if (out / TRAINED / "model_index.json").is_file():
         return json.loads((out / "run_time.json").read_text())["seconds"] if (out / "run_time.json").is_file() else 0
     env = dict(os.environ)
     if args.threads:
@@ -213,7 +214,7 @@ def evaluate(args, encoder: str, pipeline_dir: Path, train, inception: Inception
     saved = pipeline_dir / "eval.json"
     if saved.is_file():
         return json.loads(saved.read_text())
-    pipeline = VisCPMPaintPipeline.from_pretrained(pipeline_dir)
+    pipeline = VisCPMPaintPipeline.from_pretrained(pipeline_dir / TRAINED)
     pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     real = images_as_tensor(train["image"])
@@ -372,7 +373,7 @@ def export_default(
     import shutil
     import tempfile
 
-    pipeline = VisCPMPaintPipeline.from_pretrained(pipeline_dir)
+    pipeline = VisCPMPaintPipeline.from_pretrained(pipeline_dir / TRAINED)
     if caption_anchors:
         pipeline.set_caption_anchors(train["caption_en"], caption_anchors)
     pipeline.register_modules(text_encoder=None, tokenizer=None)

@@ -1,10 +1,11 @@
-"""Fixtures of the training-script tests: the paper's model (a CPM-Bee VisCPM-Chat converted from the tiny original)
-and a small image-chat workspace."""
+"""Fixtures of the training-script tests: the paper's model (a CPM-Bee VisCPM-Chat converted from the tiny original),
+a small image-chat workspace, and the tiny VisCPM-Paint workspace."""
 
 import json
 from pathlib import Path
 
 import pytest
+from example_scripts import build_paint_workspace
 from parity import PARITY_DIR, json_file, require_parity
 from tiny_models import random_image
 
@@ -50,3 +51,9 @@ def chat_workspace(tmp_path_factory) -> Path:
     captions = [{"image": f"{i}.png", "caption": f"a picture number {i}"} for i in range(4)]
     (root / "captions.json").write_text(json.dumps(captions))
     return root
+
+
+@pytest.fixture(scope="session")
+def paint_workspace(tmp_path_factory) -> Path:
+    """A tiny VisCPM-Paint (`model/`) and 8 captioned 32 x 32 images (`images/`)."""
+    return build_paint_workspace(tmp_path_factory.mktemp("train_paint"))

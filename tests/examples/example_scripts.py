@@ -1,11 +1,25 @@
-"""The examples/ scripts as modules for the tests (they are not a package)."""
+"""What the tests of the examples/ scripts share: the scripts as modules (they are not a package), a killable
+subprocess run of one, the accelerate configs and the FSDP units they give, and the tiny VisCPM-Paint workspace."""
 
 import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
 
 
 ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "examples" / "configs"
+PAINT_CAPTIONS = ["a red apple", "a blue house", "a green tree", "a yellow sun", "a black cat", "a white dog",
+                  "a pink flower", "an orange car"]  # fmt: skip
 
 
 def load_example(name: str):
@@ -17,3 +31,82 @@ def load_example(name: str):
     spec.loader.exec_module(module)
     sys.modules[name] = module
     return module
+
+
+class Run:
+    """An example script in a subprocess (one thread, offline), output to a log file, killable."""
+
+    def __init__(self, command: list[str], log: Path):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+        self.log = log
+        with open(log, "w") as file:
+            self.process = subprocess.Popen(command, stdout=file, stderr=subprocess.STDOUT, env=env)
+
+    def wait_until(self, condition, timeout: float = 240) -> bool:
+        """Polls `condition` every few ms while the process runs; False when the process ended first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                return False
+            if condition():
+                return True
+            time.sleep(0.003)
+        self.kill()
+        raise AssertionError(f"timed out after {timeout}s; log: {self.log.read_text()[-2000:]}")
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=60)
+
+    def finish(self, timeout: float = 300) -> int:
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+
+def accelerate_config(name: str) -> dict:
+    """examples/configs/`name` as a dict."""
+    return yaml.safe_load((CONFIGS / name).read_text())
+
+
+def wrapped_classes(model, names: list[str] | None) -> set[str]:
+    """The classes accelerate's TRANSFORMER_BASED_WRAP makes FSDP units of (it raises for a name the model lacks)."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                            transformer_cls_names_to_wrap=names)  # fmt: skip
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    return {type(module).__name__ for module in model.modules() if policy(module)}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def write_metadata(folder: Path, rows, key: str = "text") -> None:
+    """metadata.jsonl of an image folder: (file name, caption) rows."""
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f, key: c}) + "\n" for f, c in rows))
+
+
+def build_paint_workspace(root: Path) -> Path:
+    """`root/model` (the tiny VisCPM-Paint of tests/paint) and `root/images`: 8 distinct 32 x 32 images, one caption
+    each."""
+    sys.path.insert(0, str(ROOT / "tests" / "paint"))
+    from tiny_paint import tiny_pipeline
+
+    tiny_pipeline().save_pretrained(root / "model")
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(len(PAINT_CAPTIONS)):
+        pixels = np.zeros((32, 32, 3), np.uint8)
+        pixels[..., index % 3] = 40 + 25 * index
+        pixels[8:24, 8:24] = rng.integers(0, 255, 3)
+        Image.fromarray(pixels).save(images / f"{index}.png")
+    write_metadata(images, [(f"{i}.png", c) for i, c in enumerate(PAINT_CAPTIONS)])
+    return root

@@ -5,44 +5,20 @@ DeepSpeed configs load through DeepSpeed's own parser (ZeRO-3 partitions the mod
 import gc
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
-from example_scripts import ROOT
+from example_scripts import accelerate_config, free_port, wrapped_classes
 from tiny_models import make_chat_model
 
 from viscpm_hf import build_byte_level_tokenizer
 from viscpm_hf.chat.training import fsdp_wrap_classes
 
 
-CONFIGS = ROOT / "examples" / "configs"
 WORKER = Path(__file__).with_name("distributed_chat_worker.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def accelerate_config(name: str) -> dict:
-    return yaml.safe_load((CONFIGS / name).read_text())
-
-
-def wrapped_classes(model, names: list[str] | None) -> set[str]:
-    """The classes accelerate's TRANSFORMER_BASED_WRAP makes FSDP units of (it raises for a name the model lacks)."""
-    from accelerate.utils import FullyShardedDataParallelPlugin
-    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
-
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-                                            transformer_cls_names_to_wrap=names)  # fmt: skip
-    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
-    return {type(module).__name__ for module in model.modules() if policy(module)}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_the_cpmbee_fsdp_config_wraps_exactly_the_papers_model_no_split_modules(cpmbee_chat):

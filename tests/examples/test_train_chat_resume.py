@@ -3,17 +3,15 @@ at random points (during saves too) and resumed each time ends with the loss tra
 
 import json
 import logging
-import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from example_scripts import ROOT, load_example
+from example_scripts import ROOT, Run, load_example
 
 from viscpm_hf.chat.training import MANIFEST_NAME, checkpoint_problem, latest_complete_checkpoint
 
@@ -89,39 +87,6 @@ def test_latest_resumes_from_the_newest_complete_checkpoint_and_sets_the_others_
 
 
 # --- killing real runs ------------------------------------------------------------------------------------------
-
-
-class Run:
-    """train_chat.py in a subprocess (`--resume_from_checkpoint latest`), output to a log file, killable."""
-
-    def __init__(self, command: list[str], log: Path):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-        self.log = log
-        with open(log, "w") as file:
-            self.process = subprocess.Popen(command, stdout=file, stderr=subprocess.STDOUT, env=env)
-
-    def wait_until(self, condition, timeout: float = 240) -> bool:
-        """Polls `condition` every few ms while the process runs; False when the process ended first."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                return False
-            if condition():
-                return True
-            time.sleep(0.003)
-        self.kill()
-        raise AssertionError(f"timed out after {timeout}s; log: {self.log.read_text()[-2000:]}")
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=60)
-
-    def finish(self, timeout: float = 300) -> int:
-        try:
-            return self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise
 
 
 def checkpoint_folders(output: Path) -> list[Path]:

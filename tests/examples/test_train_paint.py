@@ -1,6 +1,5 @@
 """examples/train_paint.py end to end on a tiny VisCPM-Paint (CPU, 32 x 32 images)."""
 
-import importlib.util
 import json
 import logging
 import os
@@ -13,23 +12,16 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from accelerate.commands.config.config_args import ClusterConfig
 from accelerate.state import AcceleratorState
 from datasets import Dataset, Image
 from diffusers import DiffusionPipeline
+from example_scripts import PAINT_CAPTIONS, ROOT, load_example, write_metadata
 from PIL import Image as PILImage
 from safetensors.torch import load_file
 
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "paint"))
-from tiny_paint import tiny_pipeline  # noqa: E402
-
-from viscpm_hf import VisCPMPaintPipeline  # noqa: E402
+from viscpm_hf import VisCPMPaintPipeline
 
 
-ROOT = Path(__file__).resolve().parents[2]
-CAPTIONS = ["a red apple", "a blue house", "a green tree", "a yellow sun", "a black cat", "a white dog",
-            "a pink flower", "an orange car"]  # fmt: skip
 PROMPTS = ["a red apple", "一个红苹果", "ein roter Apfel"]
 # 8 images, 4 per micro-batch, 2 micro-batches per step: every step sees the whole (tiny) data set.
 COMMON = ["--resolution", "32", "--train_batch_size", "4", "--gradient_accumulation_steps", "2",
@@ -37,16 +29,10 @@ COMMON = ["--resolution", "32", "--train_batch_size", "4", "--gradient_accumulat
 TRAINING = [*COMMON, "--max_train_steps", "30", "--checkpointing_steps", "10", "--checkpoints_total_limit", "2",
             "--use_ema"]  # fmt: skip
 MAIN_RUN = [*TRAINING, "--validation_prompts", *PROMPTS, "--validation_steps", "20", "--validation_inference_steps", "2"]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_paint", ROOT / "examples" / "train_paint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_paint = load_script()
+# What a pipeline folder to load or upload may hold: weights, configs, tokenizer files and the model card.
+EXPORT_SUFFIXES = {".safetensors", ".json", ".txt", ".model", ".jinja", ".md"}
+PICKLES = {".bin", ".pkl", ".pickle", ".pt", ".pth", ".ckpt"}
+train_paint = load_example("train_paint")
 
 
 @pytest.fixture(autouse=True)
@@ -57,24 +43,10 @@ def fresh_accelerator_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_paint")
-    tiny_pipeline().save_pretrained(root / "model")
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for index in range(len(CAPTIONS)):
-        pixels = np.zeros((32, 32, 3), np.uint8)
-        pixels[..., index % 3] = 40 + 25 * index
-        pixels[8:24, 8:24] = rng.integers(0, 255, 3)
-        PILImage.fromarray(pixels).save(images / f"{index}.png")
-    write_metadata(images, [(f"{i}.png", c) for i, c in enumerate(CAPTIONS)])
-    return root
-
-
-def write_metadata(folder: Path, rows, key="text"):
-    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f, key: c}) + "\n" for f, c in rows))
+@pytest.fixture
+def workspace(paint_workspace) -> Path:
+    """The tiny pipeline (`model/`) and captioned images (`images/`) of conftest.py."""
+    return paint_workspace
 
 
 def run(workspace, output_dir, *extra, data=None):
@@ -96,10 +68,10 @@ def changed(before: dict, after: dict) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def main_run(workspace):
+def main_run(paint_workspace, tmp_path_factory):
     """attn2 training with accumulation, EMA, checkpoints every 10 steps (keep 2) and validation: 30 steps."""
-    output_dir = workspace / "main_run"
-    run(workspace, output_dir, *MAIN_RUN)
+    output_dir = tmp_path_factory.mktemp("main_run")
+    run(paint_workspace, output_dir, *MAIN_RUN)
     AcceleratorState._reset_state(reset_partial_state=True)
     return output_dir
 
@@ -112,12 +84,12 @@ def test_loss_falls_when_overfitting(main_run):
 
 
 def test_only_the_transblock_and_cross_attention_train(workspace, main_run):
-    model = workspace / "model"
+    model, export = workspace / "model", main_run / "pipeline"
     for component in ("text_encoder", "vae"):
-        assert not changed(weights(model, component), weights(main_run, component)), component
-    unet_changed = changed(weights(model, "unet"), weights(main_run, "unet"))
+        assert not changed(weights(model, component), weights(export, component)), component
+    unet_changed = changed(weights(model, "unet"), weights(export, "unet"))
     assert unet_changed and all("attn2" in name for name in unet_changed)
-    assert changed(weights(model, "transblock"), weights(main_run, "transblock")) == set(weights(model, "transblock"))
+    assert changed(weights(model, "transblock"), weights(export, "transblock")) == set(weights(model, "transblock"))
     # Checkpoints hold the trained parameters only (the frozen ones are in the pretrained folder).
     saved = load_file(main_run / "checkpoint-30" / "model.safetensors")
     assert saved and all(name.startswith("transblock.") or "attn2" in name for name in saved)
@@ -130,18 +102,63 @@ def test_checkpoints_are_complete_and_pruned(main_run):
     assert progress == {"global_step": 20, "epoch": 19, "batches_in_epoch": 2, "micro_step": 40}
 
 
-def test_saved_pipeline_loads_and_generates(main_run):
+def exported_files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def test_the_export_is_a_hub_clean_pipeline_folder_that_both_loaders_load(main_run):
+    """output_dir/pipeline holds weights, configs, tokenizer files and the card, and nothing of the run: no optimizer
+    state, random states or other pickles (those stay in the checkpoints beside it), no logs, no images."""
+    export = main_run / "pipeline"
+    files = exported_files(export)
+    assert {"model_index.json", "README.md", "unet/diffusion_pytorch_model.safetensors",
+            "transblock/diffusion_pytorch_model.safetensors"} <= set(files)  # fmt: skip
+    assert {Path(f).suffix for f in files} <= EXPORT_SUFFIXES and not {Path(f).suffix for f in files} & PICKLES, files
+    assert not (main_run / "model_index.json").exists() and not list(main_run.glob(".pipeline*"))
+    assert {p.name for p in main_run.iterdir()} == {"pipeline", "checkpoint-20", "checkpoint-30", "train_log.jsonl",
+                                                    "validation"}  # fmt: skip
+    assert {p.suffix for p in (main_run / "checkpoint-30").iterdir()} & PICKLES  # where accelerate's pickles live
     for loader in (VisCPMPaintPipeline, DiffusionPipeline):
-        pipe = loader.from_pretrained(main_run)
+        pipe = loader.from_pretrained(export)
         assert type(pipe) is VisCPMPaintPipeline
         image = pipe("一个红苹果", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
         assert image.size == (32, 32)
-    card = (main_run / "README.md").read_text()
+    card = (export / "README.md").read_text()
     assert "library_name: diffusers" in card and "cross-attention" in card and "一个红苹果" in card
     for label in ("step-000020", "final"):
         folder = main_run / "validation" / label
         assert sorted(p.name for p in folder.glob("*.png")) == ["00.png", "01.png", "02.png"]
         assert json.loads((folder / "prompts.json").read_text()) == PROMPTS
+
+
+def test_an_interrupted_export_leaves_the_previous_pipeline_whole(workspace, tmp_path, monkeypatch):
+    """A run that dies while writing its pipeline: the earlier export stays in place, untouched, and the next run
+    replaces it once its own is complete, leaving no hidden folders."""
+    short = [*COMMON, "--max_train_steps", "1", "--checkpointing_steps", "0"]
+    run(workspace, tmp_path, *short)
+    export = tmp_path / "pipeline"
+    before = {name: (export / name).read_bytes() for name in exported_files(export)}
+
+    save_pretrained = VisCPMPaintPipeline.save_pretrained
+
+    def dies_half_way(self, folder, **kwargs):
+        save_pretrained(self, folder, **kwargs)
+        (Path(folder) / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+        raise RuntimeError("killed while exporting")
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    monkeypatch.setattr(VisCPMPaintPipeline, "save_pretrained", dies_half_way)
+    with pytest.raises(RuntimeError, match="killed while exporting"):
+        run(workspace, tmp_path, *short, "--learning_rate", "1e-2")
+    assert {name: (export / name).read_bytes() for name in exported_files(export)} == before
+    assert (tmp_path / ".pipeline.partial").is_dir()  # the torn one, under its hidden name
+
+    monkeypatch.undo()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    run(workspace, tmp_path, *short, "--learning_rate", "1e-2")
+    after = {name: (export / name).read_bytes() for name in exported_files(export)}
+    assert after.keys() == before.keys() and after != before
+    assert not list(tmp_path.glob(".pipeline*"))
 
 
 def test_resume_continues_the_same_trajectory(workspace, main_run, tmp_path):
@@ -155,7 +172,8 @@ def test_resume_continues_the_same_trajectory(workspace, main_run, tmp_path):
     assert not list(tmp_path.glob(".checkpoint-*"))
     # The EMA went through the checkpoint too: the saved (averaged) weights are the uninterrupted run's.
     for component in ("transblock", "unet"):
-        assert not changed(weights(main_run, component), weights(tmp_path, component)), component
+        ours, theirs = weights(tmp_path / "pipeline", component), weights(main_run / "pipeline", component)
+        assert not changed(theirs, ours), component
 
 
 def test_precomputed_text_embeddings_match_and_are_reused(workspace, main_run, tmp_path, monkeypatch):
@@ -179,28 +197,30 @@ def test_full_unet_in_bf16_with_gradient_checkpointing(workspace, tmp_path):
                   "--train_unet", "full", "--mixed_precision", "bf16", "--gradient_checkpointing")  # fmt: skip
     assert len(records) == 2 and all(np.isfinite(r["loss"]) for r in records)
     model = workspace / "model"
-    unet_changed = changed(weights(model, "unet"), weights(tmp_path, "unet"))
+    export = tmp_path / "pipeline"
+    unet_changed = changed(weights(model, "unet"), weights(export, "unet"))
     assert any("attn2" not in name for name in unet_changed)
-    assert not changed(weights(model, "text_encoder"), weights(tmp_path, "text_encoder"))
-    assert all(v.dtype == torch.float32 for v in weights(tmp_path, "unet").values())
+    assert not changed(weights(model, "text_encoder"), weights(export, "text_encoder"))
+    assert all(v.dtype == torch.float32 for v in weights(export, "unet").values())
 
 
 def test_lora_rank_trains_an_adapter_that_load_lora_weights_applies(workspace, tmp_path):
     """--lora_rank: only LoRA weights train and are saved; the base pipeline loads them the diffusers way."""
     run(workspace, tmp_path, *COMMON, "--learning_rate", "1e-2", "--max_train_steps", "4", "--checkpointing_steps", "2",
         "--lora_rank", "4")  # fmt: skip
-    assert (tmp_path / "pytorch_lora_weights.safetensors").is_file() and not (tmp_path / "unet").exists()
-    saved = load_file(tmp_path / "pytorch_lora_weights.safetensors")
+    export = tmp_path / "pipeline"
+    assert exported_files(export) == ["README.md", "pytorch_lora_weights.safetensors"]  # the adapter and its card only
+    saved = load_file(export / "pytorch_lora_weights.safetensors")
     assert saved and all(name.startswith("unet.") and ".attn2." in name and "lora" in name for name in saved)
     checkpoint = load_file(tmp_path / "checkpoint-4" / "model.safetensors")
     assert checkpoint and all("lora_" in name for name in checkpoint)  # the transblock stays as loaded
-    card = (tmp_path / "README.md").read_text()
+    card = (export / "README.md").read_text()
     assert "- lora" in card and "load_lora_weights" in card
 
     pipe = VisCPMPaintPipeline.from_pretrained(workspace / "model")
     sample = {"num_inference_steps": 3, "output_type": "np"}
     base = pipe("a red apple", generator=torch.Generator().manual_seed(0), **sample).images
-    pipe.load_lora_weights(tmp_path)
+    pipe.load_lora_weights(export)
     tuned = pipe("a red apple", generator=torch.Generator().manual_seed(0), **sample).images
     assert np.abs(tuned - base).max() > 1e-3  # four steps of LoRA training change the image
     off = pipe("a red apple", generator=torch.Generator().manual_seed(0), cross_attention_kwargs={"scale": 0.0}, **sample)
@@ -216,14 +236,14 @@ def test_lora_rank_trains_an_adapter_that_load_lora_weights_applies(workspace, t
     run(workspace, resumed, *COMMON, "--learning_rate", "1e-2", "--max_train_steps", "4", "--checkpointing_steps", "2",
         "--lora_rank", "4", "--resume_from_checkpoint", "latest")  # fmt: skip
     assert losses(resumed) == pytest.approx(losses(tmp_path)[2:], abs=1e-6)
-    assert load_file(resumed / "pytorch_lora_weights.safetensors").keys() == saved.keys()
-    for name, value in load_file(resumed / "pytorch_lora_weights.safetensors").items():
+    assert load_file(resumed / "pipeline" / "pytorch_lora_weights.safetensors").keys() == saved.keys()
+    for name, value in load_file(resumed / "pipeline" / "pytorch_lora_weights.safetensors").items():
         torch.testing.assert_close(value, saved[name])
 
 
 def test_a_datasets_dataset_with_other_column_names(workspace, tmp_path):
     images = [PILImage.open(workspace / "images" / f"{i}.png") for i in range(4)]
-    dataset = Dataset.from_dict({"picture": images, "caption": CAPTIONS[:4]}).cast_column("picture", Image())
+    dataset = Dataset.from_dict({"picture": images, "caption": PAINT_CAPTIONS[:4]}).cast_column("picture", Image())
     dataset.save_to_disk(tmp_path / "data")
     data = ["--dataset_name", str(tmp_path / "data"), "--image_column", "picture", "--caption_column", "caption"]
     records = run(workspace, tmp_path / "out", *COMMON, "--max_train_steps", "1", "--checkpointing_steps", "0", data=data)
@@ -233,7 +253,7 @@ def test_a_datasets_dataset_with_other_column_names(workspace, tmp_path):
 def test_missing_images_are_skipped_with_a_count_or_fail(workspace, tmp_path, caplog):
     folder = tmp_path / "images"
     shutil.copytree(workspace / "images", folder)
-    write_metadata(folder, [(f"{i}.png", c) for i, c in enumerate(CAPTIONS)] + [("missing.png", "lost")])
+    write_metadata(folder, [(f"{i}.png", c) for i, c in enumerate(PAINT_CAPTIONS)] + [("missing.png", "lost")])
     with caplog.at_level(logging.WARNING):
         run(workspace, tmp_path / "out", *COMMON, "--max_train_steps", "1", "--checkpointing_steps", "0",
             data=["--train_data_dir", str(folder)])  # fmt: skip
@@ -313,17 +333,6 @@ def test_processes_that_accelerate_does_not_see_are_refused(workspace, tmp_path,
         run(workspace, tmp_path, *COMMON)
 
 
-def test_accelerate_configs_are_valid():
-    expected = {"single_gpu": "NO", "multi_gpu_ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED",
-                "deepspeed_zero3": "DEEPSPEED", "cpu": "NO"}  # fmt: skip
-    for name, kind in expected.items():
-        config = ClusterConfig.from_yaml_file(ROOT / "examples" / "configs" / f"{name}.yaml")
-        assert config.distributed_type.value == kind, name
-    zero2 = ClusterConfig.from_yaml_file(ROOT / "examples" / "configs" / "deepspeed_zero2.yaml")
-    assert zero2.deepspeed_config["zero_stage"] == 2
-    assert ClusterConfig.from_yaml_file(ROOT / "examples" / "configs" / "cpu.yaml").use_cpu
-
-
 def test_two_processes_with_accelerate(workspace, tmp_path):
     # `accelerate launch --cpu --num_processes 2` starts one process unless MPI is set up; torchrun + the CPU switch
     # starts two (DDP over gloo).
@@ -340,4 +349,4 @@ def test_two_processes_with_accelerate(workspace, tmp_path):
     assert (tmp_path / "checkpoint-2" / "random_states_1.pkl").is_file()  # both processes saved their state
     assert len(list((tmp_path / "text_embedding_cache").glob("shard-*.safetensors"))) == 2  # each encoded a share
     assert len(losses(tmp_path)) == 3
-    assert isinstance(VisCPMPaintPipeline.from_pretrained(tmp_path), VisCPMPaintPipeline)
+    assert isinstance(VisCPMPaintPipeline.from_pretrained(tmp_path / "pipeline"), VisCPMPaintPipeline)

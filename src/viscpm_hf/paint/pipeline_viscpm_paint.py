@@ -61,7 +61,7 @@ EXAMPLE_DOC_STRING = """
         >>> pipe = VisCPMPaintPipeline.from_pretrained("path/or/repo/of/viscpm-paint", dtype=torch.float16)
         >>> image = pipe("一只可爱的猫", generator=torch.Generator().manual_seed(0)).images[0]
 
-        >>> pipe.load_lora_weights("path/to/train_paint-lora-output")  # a UNet LoRA, e.g. from train_paint.py --lora_rank
+        >>> pipe.load_lora_weights("path/to/output_dir/pipeline")  # a UNet LoRA, e.g. from train_paint.py --lora_rank
         >>> image = pipe("一只可爱的猫", cross_attention_kwargs={"scale": 0.7}).images[0]
         ```
 """
