@@ -304,11 +304,8 @@ def upload(folder: Path, repo_id: str, training: SFTConfig, message: str) -> Non
     try:
         commit = push_to_hub(folder, repo_id, token=training.hub_token, private=training.hub_private_repo,
                              commit_message=message)  # fmt: skip
-    except (OSError, ValueError) as error:  # the Hub's errors are OSErrors
-        raise SystemExit(
-            f"error: uploading to {repo_id} failed ({error}). {folder} is complete: upload it later with "
-            f"`hf upload {repo_id} {folder}`."
-        )
+    except (OSError, ValueError) as error:  # a refused folder, or a failed upload and how to retry it
+        raise SystemExit(f"error: {error}")
     logger.info("Uploaded %s to %s.", folder, commit.commit_url)
 
 

@@ -48,6 +48,7 @@ from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils import convert_state_dict_to_diffusers
+from huggingface_hub import ModelCardData
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
@@ -55,6 +56,7 @@ from tqdm.auto import tqdm
 
 import viscpm_hf  # noqa: F401  (registers VisCPM-Paint with diffusers)
 from viscpm_hf import VisCPMPaintPipeline
+from viscpm_hf.hub import check_hub_target, derived_metadata, missing_metadata, push_to_hub, write_card
 from viscpm_hf.paint.training import (
     CaptionEncoder,
     EpochSampler,
@@ -177,6 +179,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--report_to", default="none", help='Trackers for accelerate ("tensorboard", "wandb", "all", or "none").')
     add("--logging_dir", default="logs", help="Tracker folder, relative to --output_dir.")
     add("--tracker_project_name", default="train_paint", help="Project name given to the trackers.")
+    # Model card and Hub
+    add("--push_to_hub", action="store_true", help="Upload the exported folder (never the checkpoints) once written, "
+        "after checking it: no pickled file, a complete model card.")
+    add("--hub_model_id", default=None,
+        help="The repo: user/name, or name for the token's user (default: the name of --output_dir).")
+    add("--hub_token", default=None, help="A Hub token with write access (default: `hf auth login`'s).")
+    add("--hub_private_repo", action="store_true", help="Create the repo private (an existing one keeps its visibility).")
+    add("--base_model", default=None, help="Hub id the model card names as the base model (default: "
+        "--pretrained_model_name_or_path if it is a Hub id, else the base model of that folder's card).")
+    add("--license", default=None, help="Licence id for the model card (default: the starting pipeline's card's).")
+    add("--language", nargs="+", default=None,
+        help="Languages for the model card (default: the starting pipeline's card's).")
     return parser.parse_args(argv)
 
 
@@ -223,6 +237,18 @@ def check_args(args: argparse.Namespace) -> None:
         args.precompute_text_embeddings = True
     if args.precompute_text_embeddings and args.text_embedding_cache is None:
         args.text_embedding_cache = str(Path(args.output_dir) / "text_embedding_cache")
+    if args.push_to_hub:  # a push that would fail after training is refused before it
+        args.hub_model_id = args.hub_model_id or Path(args.output_dir).absolute().name
+        try:
+            check_hub_target(args.hub_model_id, args.hub_token, card_metadata(args))
+        except ValueError as error:
+            raise SystemExit(f"error: --push_to_hub: {error}")
+
+
+def card_metadata(args: argparse.Namespace) -> dict:
+    """Base model, licence and languages for the model card: the flags, else the starting pipeline's card's."""
+    return derived_metadata(args.pretrained_model_name_or_path, base_model=args.base_model, license=args.license,
+                            language=args.language)  # fmt: skip
 
 
 def lora_config(rank: int, alpha: float | None) -> LoraConfig:
@@ -483,28 +509,17 @@ def write_model_card(path: Path, args, trained_count: int, examples: int, global
     if prompts:  # the images stay beside the export, in the run's folder
         prompts = f"Sampled after training (images in the training run's `validation/final/`):\n\n{prompts}"
     name = Path(args.output_dir).resolve().name
-    load = 'pipe = VisCPMPaintPipeline.from_pretrained("path/to/this/folder")'
+    where = args.hub_model_id if args.push_to_hub else "path/to/this/folder"
+    load = f'pipe = VisCPMPaintPipeline.from_pretrained("{where}")'
     if args.lora_rank:
         trained = f"rank-{args.lora_rank} LoRA weights of the UNet's cross-attention layers (the transblock is the base's)"
         load = (f'pipe = VisCPMPaintPipeline.from_pretrained("{args.pretrained_model_name_or_path}")\n'
-                'pipe.load_lora_weights("path/to/this/folder")  # its weight per call: cross_attention_kwargs={"scale": 0.8}')
-    local = Path(args.pretrained_model_name_or_path).exists()
-    base_model = "" if local else f"\nbase_model: {args.pretrained_model_name_or_path}"  # Hub ids only
-    lora_tag, kind = ("\n  - lora", "LoRA") if args.lora_rank else ("", "pipeline")
+                f'pipe.load_lora_weights("{where}")  # its weight per call: cross_attention_kwargs={{"scale": 0.8}}')
+    kind = "LoRA" if args.lora_rank else "pipeline"
     conditioning_shift = args.conditioning_shift
     if args.conditioning_offsets is not None:
         conditioning_shift = f"rows of {Path(args.conditioning_offsets).name} x {args.conditioning_offsets_scale}"
-    card = f"""---
-library_name: diffusers
-pipeline_tag: text-to-image
-tags:
-  - viscpm
-  - mpm
-  - text-to-image
-  - diffusers-training{lora_tag}{base_model}
----
-
-# {name}
+    body = f"""# {name}
 
 A VisCPM-Paint {kind} fine-tuned from `{args.pretrained_model_name_or_path}` with `examples/train_paint.py` of
 viscpm-hf, following MPM (arXiv 2308.12038, section 3.3): the multilingual LLM that reads the prompt and the VAE
@@ -546,7 +561,13 @@ image = pipe("a red apple", generator=torch.Generator().manual_seed(0)).images[0
 Images can be wrong, biased or unsafe; no safety checker is included unless the base pipeline had one. The licences
 of the base model's weights apply to this derivative.
 """
-    path.write_text(card, encoding="utf-8")
+    tags = ["viscpm", "mpm", "text-to-image", "diffusers-training"] + (["lora"] if args.lora_rank else [])
+    data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image", tags=tags, **card_metadata(args))
+    missing = missing_metadata(data)
+    if missing:
+        logger.warning(f"The model card lacks {', '.join(missing)} (the card of {args.pretrained_model_name_or_path} "
+                       "does not give them): pass --base_model / --license / --language to complete it.")  # fmt: skip
+    write_card(path, data, body)
 
 
 # The export
@@ -580,6 +601,15 @@ def replace_folder(partial: Path, final: Path) -> None:
         final.rename(previous)
     partial.rename(final)
     shutil.rmtree(previous, ignore_errors=True)
+
+
+def upload(folder: Path, args: argparse.Namespace, message: str) -> None:
+    try:
+        commit = push_to_hub(folder, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo or None,
+                             commit_message=message)  # fmt: skip
+    except (OSError, ValueError) as error:  # a refused folder, or a failed upload and how to retry it
+        raise SystemExit(f"error: {error}")
+    logger.info(f"Uploaded {folder} to {commit.commit_url}")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -718,7 +748,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ema.to(accelerator.device)
     register_checkpoint_hooks(accelerator, trained_names, ema)
     if args.report_to != "none":
-        config = {k: (", ".join(v) if isinstance(v, list) else v) for k, v in vars(args).items() if v is not None}
+        config = {k: (", ".join(v) if isinstance(v, list) else v) for k, v in vars(args).items()
+                  if v is not None and k != "hub_token"}  # fmt: skip
         accelerator.init_trackers(args.tracker_project_name, config=config)
     can_validate = bool(args.validation_prompts)
     if can_validate and accelerator.distributed_type in SHARDED:
@@ -853,6 +884,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             run_validation(final.to(accelerator.device), args, accelerator, global_step, "final", torch.float32)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if args.push_to_hub and accelerator.is_main_process:  # after the others are done: a failed upload stops no one
+        upload(output_dir / EXPORT_FOLDER, args, f"train_paint.py: {global_step} steps")
     return records_of_run
 
 

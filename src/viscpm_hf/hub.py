@@ -153,9 +153,16 @@ def push_to_hub(
 
     The repo is created if needed (`private` applies then; a name without a namespace goes under the token's user);
     files already in it and not in the folder stay. Returns the commit (`.commit_url`, `.oid`, `.repo_url.repo_id`).
+    A refused folder raises a ValueError; a failed upload an OSError that says how to retry it.
     """
     files = files_to_upload(folder)
     api = HfApi(token=token)
-    repo = api.create_repo(repo_id, private=private, exist_ok=True)
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=Path(folder, name)) for name in files]
-    return api.create_commit(repo.repo_id, operations, commit_message=commit_message)
+    try:
+        repo = api.create_repo(repo_id, private=private, exist_ok=True)
+        return api.create_commit(repo.repo_id, operations, commit_message=commit_message)
+    except OSError as error:  # the Hub's HTTP and connection errors are OSErrors
+        raise OSError(
+            f"Uploading to {repo_id} failed ({error}). {folder} is complete: upload it later with "
+            f"`hf upload {repo_id} {folder}`."
+        ) from error

@@ -210,5 +210,5 @@ def test_a_failed_upload_keeps_the_folder_and_says_how_to_upload_it(tmp_path, re
     # The repo defaults to the output folder's name; --hub-private-repo asks for a private one.
     assert hub.repos == [{"repo_id": "viscpm-chat-tiny", "token": "hf_secret", "private": True, "exist_ok": True}]
     err = capsys.readouterr().err
-    assert "uploading to viscpm-chat-tiny failed: 403 Forbidden" in err
+    assert "Uploading to viscpm-chat-tiny failed (403 Forbidden: no write access)" in err
     assert f"upload it later with `hf upload viscpm-chat-tiny {output}`" in err and (output / "model.safetensors").is_file()

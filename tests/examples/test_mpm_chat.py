@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from viscpm_hf.hub import load_card
+
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples" / "mpm"))
@@ -55,6 +57,11 @@ def test_both_stages_the_language_sweep_and_the_exported_adapter(tmp_path):
 
     # The exported folder (fp16 adapter + config) rebuilt over the packaged LLM matches the run's own model.
     assert json.loads((exported / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+    card = load_card(exported / "README.md")  # complete Hub metadata, with the share's scores as model-index
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and card.data.language == ["zh", "en", "de", "fr"]
+    assert [(r.dataset_config, r.metric_value) for r in card.data.eval_results][::3] == [  # "names the emoji" %
+        (lang, round(100 * results["0.5"][lang]["correct"])) for lang in ("zh", "en", "de", "fr")
+    ]
     reference, processor = chat_openmoji.load_chat(out / "stage2-0.5" / chat_openmoji.TRAINED_MODEL, base=out / "init")
     rebuilt, rebuilt_processor = chat_openmoji.load_chat(exported)
     image = Image.new("RGB", (32, 32), "red")

@@ -16,10 +16,13 @@ from accelerate.state import AcceleratorState
 from datasets import Dataset, Image
 from diffusers import DiffusionPipeline
 from example_scripts import PAINT_CAPTIONS, ROOT, load_example, write_metadata
+from fake_hub import FakeHub
+from huggingface_hub import ModelCard
 from PIL import Image as PILImage
 from safetensors.torch import load_file
 
 from viscpm_hf import VisCPMPaintPipeline
+from viscpm_hf.hub import is_pickle
 
 
 PROMPTS = ["a red apple", "一个红苹果", "ein roter Apfel"]
@@ -159,6 +162,27 @@ def test_an_interrupted_export_leaves_the_previous_pipeline_whole(workspace, tmp
     after = {name: (export / name).read_bytes() for name in exported_files(export)}
     assert after.keys() == before.keys() and after != before
     assert not list(tmp_path.glob(".pipeline*"))
+
+
+def test_push_to_hub_uploads_the_exported_pipeline_only(workspace, tmp_path, monkeypatch):
+    """--push_to_hub is checked before training (the tiny model has no card to inherit from), then uploads
+    OUTPUT_DIR/pipeline in one commit: no checkpoint, no pickle, a complete card."""
+    hub = FakeHub(monkeypatch)
+    with pytest.raises(SystemExit, match="would lack its base_model, license, language"):
+        run(workspace, tmp_path / "out", *COMMON, "--max_train_steps", "1", "--push_to_hub", "--hub_token", "x")
+    assert hub.repos == [] and not (tmp_path / "out" / "train_log.jsonl").exists()
+    run(workspace, tmp_path / "out", *COMMON, "--max_train_steps", "2", "--checkpointing_steps", "1",
+        "--push_to_hub", "--hub_token", "hf_secret", "--hub_model_id", "org/tiny-paint", "--base_model", "org/base",
+        "--license", "apache-2.0", "--language", "en", "zh")  # fmt: skip
+    export = tmp_path / "out" / "pipeline"
+    assert hub.repos == [{"repo_id": "org/tiny-paint", "token": "hf_secret", "private": None, "exist_ok": True}]
+    files = hub.commit["files"]
+    assert files == {p.relative_to(export).as_posix(): p.read_bytes() for p in export.rglob("*") if p.is_file()}
+    assert "model_index.json" in files and not [name for name in files if is_pickle(export / name)]
+    assert (tmp_path / "out" / "checkpoint-2").is_dir()  # saved, never uploaded
+    card = ModelCard(files["README.md"].decode())
+    assert (card.data.base_model, card.data.license, card.data.language) == ("org/base", "apache-2.0", ["en", "zh"])
+    assert 'VisCPMPaintPipeline.from_pretrained("org/tiny-paint")' in card.text
 
 
 def test_resume_continues_the_same_trajectory(workspace, main_run, tmp_path):

@@ -147,9 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                 output, repo_id, token=args.hub_token, private=args.hub_private_repo or None,
                 commit_message=f"viscpm-convert {args.command} of {Path(args.checkpoint).name}",
             )  # fmt: skip
-        except (OSError, ValueError) as error:  # the Hub's errors are OSErrors
-            print(f"error: uploading to {repo_id} failed: {error}", file=sys.stderr)
-            print(f"The folder is complete: upload it later with `hf upload {repo_id} {output}`.", file=sys.stderr)
+        except (OSError, ValueError) as error:  # a refused folder, or a failed upload and how to retry it
+            print(f"error: {error}", file=sys.stderr)
             return 1
         print(f"uploaded to {commit.commit_url}")
     return 0
