@@ -121,8 +121,9 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_trajectory
     for number, (where, condition) in enumerate(plan):
         run = Run(command, tmp_path / f"killed-{number}.log")
         assert run.wait_until(condition), f"run {number} ended before the kill point: {run.log.read_text()[-3000:]}"
-        if where == "at random":
-            time.sleep(rng.uniform(0.0, 1.5))
+        if where == "at random":  # but early enough that the last kill still finds a save to land in
+            deadline = time.monotonic() + rng.uniform(0.0, 1.5)
+            assert run.wait_until(lambda: time.monotonic() >= deadline or completed(out, 4)())
         run.kill()
         kills.append((where, run.process.returncode))
         left_incomplete += [p.name for p in checkpoint_folders(out) if checkpoint_problem(p) is not None]
