@@ -52,13 +52,13 @@ from viscpm_hf.chat.training import (
     CpmBeeChatCollator,
     ModelLossSFTTrainer,
     checkpoint_problem,
-    fsdp_wrap_classes,
     is_structured_chat,
     latest_complete_checkpoint,
     write_json_atomically,
 )
 from viscpm_hf.data import caption_dataset, conversation_dataset, image_text_dataset, mix_languages, split_assistant_turns
 from viscpm_hf.hub import check_hub_target, derived_metadata, missing_metadata, push_to_hub, write_card
+from viscpm_hf.sharding import set_fsdp_units, warn_if_not_sharded
 
 
 logger = logging.getLogger("train_chat")
@@ -280,8 +280,9 @@ def main(argv: list[str] | None = None) -> SFTTrainer:
         data_collator=collator,
         callbacks=[checkpoints],
     )
-    set_fsdp_units(trainer)
-    warn_if_not_sharded(trainer)
+    if trainer.is_fsdp_enabled:
+        set_fsdp_units(trainer.accelerator.state.fsdp_plugin, trainer.model)
+    warn_if_not_sharded(trainer.accelerator)
     trainer.train(resume_from_checkpoint=resolve_resume(training))
     folder = export(trainer, processor, args, training, card, repo_id)
     if repo_id and PartialState().is_main_process:
@@ -307,26 +308,6 @@ def upload(folder: Path, repo_id: str, training: SFTConfig, message: str) -> Non
     except (OSError, ValueError) as error:  # a refused folder, or a failed upload and how to retry it
         raise SystemExit(f"error: {error}")
     logger.info("Uploaded %s to %s.", folder, commit.commit_url)
-
-
-def set_fsdp_units(trainer: SFTTrainer) -> None:
-    """An FSDP config without a layer list (examples/configs/fsdp_chat.yaml): the units are the model's own
-    `_no_split_modules` classes it contains (the LLM's decoder layer, the vision tower's layers, the bridge)."""
-    plugin = trainer.accelerator.state.fsdp_plugin if trainer.is_fsdp_enabled else None
-    if plugin is not None and plugin.transformer_cls_names_to_wrap is None:
-        plugin.transformer_cls_names_to_wrap = fsdp_wrap_classes(trainer.model)
-        logger.info("FSDP units: %s.", ", ".join(plugin.transformer_cls_names_to_wrap))
-
-
-def warn_if_not_sharded(trainer: SFTTrainer) -> None:
-    """accelerate turns FSDP and DeepSpeed on only for GPU runs; elsewhere an FSDP or DeepSpeed config trains as DDP."""
-    for variable, enabled, name in (("ACCELERATE_USE_FSDP", trainer.is_fsdp_enabled, "FSDP"),
-                                    ("ACCELERATE_USE_DEEPSPEED", trainer.is_deepspeed_enabled, "DeepSpeed")):  # fmt: skip
-        if os.environ.get(variable, "false").lower() == "true" and not enabled:
-            logger.warning(
-                "The accelerate config asks for %s, but accelerate runs %s on this machine (it enables %s on GPUs "
-                "only): every process holds the whole model.", name, trainer.accelerator.distributed_type, name
-            )
 
 
 def export(

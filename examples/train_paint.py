@@ -43,7 +43,7 @@ import torch.nn.functional as F
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, ProjectConfiguration
+from accelerate.utils import DistributedType, ProjectConfiguration
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -68,6 +68,7 @@ from viscpm_hf.paint.training import (
     mark_trainable,
     pad_text_states,
 )
+from viscpm_hf.sharding import SHARDED, set_fsdp_units, warn_if_not_sharded
 
 
 logger = get_logger(__name__, log_level="INFO")
@@ -90,8 +91,9 @@ def read_log_rows(path: Path) -> list[dict]:
     if torn:
         logger.warning(f"{path}: skipped {torn} torn line(s), left by a run that was killed while writing them.")
     return rows
+
+
 WEIGHTS_FILE = "model.safetensors"  # accelerate's name for the (here: trained-only) weights of the prepared model
-SHARDED = (DistributedType.DEEPSPEED, DistributedType.FSDP)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -258,28 +260,6 @@ def lora_config(rank: int, alpha: float | None) -> LoraConfig:
         r=rank, lora_alpha=rank if alpha is None else alpha, init_lora_weights="gaussian",
         target_modules=r".*\.attn2\.(to_q|to_k|to_v|to_out\.0)",
     )  # fmt: skip
-
-
-def set_fsdp_units(plugin: FullyShardedDataParallelPlugin, unet: torch.nn.Module) -> None:
-    """An FSDP config without a layer list (examples/configs/fsdp.yaml): the units are the UNet's `_no_split_modules`
-    classes it contains. diffusers lists up-block classes there that a UNet may lack (`UpBlock2D`), and accelerate
-    refuses a class the model does not have."""
-    if plugin.transformer_cls_names_to_wrap is None:
-        from viscpm_hf.chat.training import fsdp_wrap_classes
-
-        plugin.transformer_cls_names_to_wrap = fsdp_wrap_classes(unet)
-        logger.info(f"FSDP units: {', '.join(plugin.transformer_cls_names_to_wrap)}")
-
-
-def warn_if_not_sharded(accelerator: Accelerator) -> None:
-    """accelerate turns FSDP and DeepSpeed on only for GPU runs; elsewhere such a config trains as DDP."""
-    for kind in SHARDED:
-        asked = os.environ.get(f"ACCELERATE_USE_{kind.value}", "false").lower() == "true"
-        if asked and accelerator.distributed_type != kind:
-            logger.warning(
-                f"The accelerate config asks for {kind.value}, but this run is {accelerator.distributed_type.value} "
-                f"(accelerate enables {kind.value} on GPUs only): every process holds the whole model."
-            )
 
 
 def step_generator(seed: int, micro_step: int, process_index: int) -> torch.Generator:

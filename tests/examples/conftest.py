@@ -1,13 +1,11 @@
 """Fixtures of the training-script tests: the paper's model (a CPM-Bee VisCPM-Chat converted from the tiny original),
 a small image-chat workspace, and the tiny VisCPM-Paint workspace."""
 
-import json
 from pathlib import Path
 
 import pytest
-from example_scripts import build_paint_workspace
+from example_scripts import build_paint_workspace, write_chat_data
 from parity import PARITY_DIR, json_file, require_parity
-from tiny_models import random_image
 
 
 @pytest.fixture(scope="session")
@@ -31,26 +29,8 @@ def cpmbee_chat(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def chat_workspace(tmp_path_factory) -> Path:
     """Images and data: 4 two-turn conversations (one answer with characters outside CPM-Bee's vocabulary), captions."""
-    root = tmp_path_factory.mktemp("chat_data")
-    (root / "images").mkdir()
-    for index in range(4):
-        random_image(index).save(root / "images" / f"{index}.png")
-    conversations = [
-        {
-            "image": f"{i}.png",
-            "conversations": [
-                {"from": "human", "value": "<image>\nWhat is it?"},
-                {"from": "gpt", "value": f"Shape {i}." if i != 3 else "A 𠀀 and a 龘 <here>."},
-                {"from": "human", "value": "And its color?"},
-                {"from": "gpt", "value": "Red." if i % 2 else "Blue."},
-            ],
-        }
-        for i in range(4)
-    ]
-    (root / "conversations.json").write_text(json.dumps(conversations, ensure_ascii=False))
-    captions = [{"image": f"{i}.png", "caption": f"a picture number {i}"} for i in range(4)]
-    (root / "captions.json").write_text(json.dumps(captions))
-    return root
+    answers = [f"Shape {i}." for i in range(3)] + ["A 𠀀 and a 龘 <here>."]
+    return write_chat_data(tmp_path_factory.mktemp("chat_data"), answers)
 
 
 @pytest.fixture(scope="session")

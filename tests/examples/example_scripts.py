@@ -1,5 +1,6 @@
 """What the tests of the examples/ scripts share: the scripts as modules (they are not a package), a killable
-subprocess run of one, the accelerate configs and the FSDP units they give, and the tiny VisCPM-Paint workspace."""
+subprocess run of one, the accelerate configs and the FSDP units they give, the image-chat data and the tiny
+VisCPM-Paint workspace."""
 
 import importlib.util
 import json
@@ -86,6 +87,24 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def write_chat_data(root: Path, first_answers: list[str]) -> Path:
+    """`root/images` (one random image per answer), `conversations.json` (two turns per image: "What is it?" answered
+    by `first_answers[i]`, then its colour) and `captions.json`."""
+    from tiny_models import random_image
+
+    (root / "images").mkdir(parents=True)
+    conversations = []
+    for i, answer in enumerate(first_answers):
+        random_image(i).save(root / "images" / f"{i}.png")
+        turns = [("human", "<image>\nWhat is it?"), ("gpt", answer), ("human", "And its color?"),
+                 ("gpt", "Red." if i % 2 else "Blue.")]  # fmt: skip
+        conversations.append({"image": f"{i}.png", "conversations": [{"from": f, "value": v} for f, v in turns]})
+    (root / "conversations.json").write_text(json.dumps(conversations, ensure_ascii=False))
+    captions = [{"image": f"{i}.png", "caption": f"a picture number {i}"} for i in range(len(first_answers))]
+    (root / "captions.json").write_text(json.dumps(captions))
+    return root
 
 
 def write_metadata(folder: Path, rows, key: str = "text") -> None:

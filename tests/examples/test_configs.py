@@ -17,7 +17,7 @@ from tiny_models import make_chat_model
 from viscpm_hf import build_byte_level_tokenizer
 from viscpm_hf.beit3.modeling_beit3 import VisCPMBeit3Model
 from viscpm_hf.chat.modeling_viscpm_chat import VisCPMChatForConditionalGeneration
-from viscpm_hf.chat.training import fsdp_wrap_classes
+from viscpm_hf.sharding import fsdp_wrap_classes
 from viscpm_hf.cpmbee.modeling_cpmbee import CpmBeeForCausalLM
 
 

@@ -14,7 +14,7 @@ from example_scripts import accelerate_config, free_port, wrapped_classes
 from tiny_models import make_chat_model
 
 from viscpm_hf import build_byte_level_tokenizer
-from viscpm_hf.chat.training import fsdp_wrap_classes
+from viscpm_hf.sharding import fsdp_wrap_classes
 
 
 WORKER = Path(__file__).with_name("distributed_chat_worker.py")

@@ -1,6 +1,5 @@
 """examples/train_chat.py end to end on a tiny VisCPM-Chat (CPU)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,28 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from example_scripts import ROOT, load_example, write_chat_data
 from fake_hub import FakeHub
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
-from tiny_models import make_chat_model, make_processor, random_image
+from tiny_models import make_chat_model, make_processor
 from transformers import AutoModelForImageTextToText
 
 from viscpm_hf import build_byte_level_tokenizer
 
 
-ROOT = Path(__file__).resolve().parents[2]
 CPU = ["--use_cpu", "--report_to", "none", "--bf16", "false", "--save_strategy", "no", "--logging_steps", "1",
        "--per_device_train_batch_size", "2", "--seed", "0", "--dataloader_num_workers", "0"]  # fmt: skip
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_chat", ROOT / "examples" / "train_chat.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_chat = load_script()
+train_chat = load_example("train_chat")
 
 
 @pytest.fixture(scope="module")
@@ -39,24 +29,7 @@ def workspace(tmp_path_factory):
     tokenizer = build_byte_level_tokenizer()
     make_chat_model(tokenizer).save_pretrained(root / "model")
     make_processor(tokenizer).save_pretrained(root / "model")
-    (root / "images").mkdir()
-    for index in range(4):
-        random_image(index).save(root / "images" / f"{index}.png")
-    conversations = [
-        {
-            "image": f"{i}.png",
-            "conversations": [
-                {"from": "human", "value": "<image>\nWhat is it?"},
-                {"from": "gpt", "value": f"Shape {i}."},
-                {"from": "human", "value": "And its color?"},
-                {"from": "gpt", "value": "Red." if i % 2 else "Blue."},
-            ],
-        }
-        for i in range(4)
-    ]
-    (root / "conversations.json").write_text(json.dumps(conversations))
-    captions = [{"image": f"{i}.png", "caption": f"a picture number {i}"} for i in range(4)]
-    (root / "captions.json").write_text(json.dumps(captions))
+    write_chat_data(root, [f"Shape {i}." for i in range(4)])
     translated = [{"image": f"{i}.png", "caption": f"第{i}张图"} for i in range(4)]
     (root / "captions_zh.json").write_text(json.dumps(translated))
     return root

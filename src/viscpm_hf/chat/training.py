@@ -17,7 +17,6 @@ target.
 For any LLM:
 - `CompleteCheckpoints` + `latest_complete_checkpoint`: a checkpoint counts once a manifest of its files is written
   after every process has finished it; `latest` resumes from the newest complete one, half-written ones are set aside.
-- `fsdp_wrap_classes`: FSDP units from the model's `_no_split_modules`, limited to the classes it contains.
 """
 
 import json
@@ -138,17 +137,6 @@ class ModelLossSFTTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         return Trainer.compute_loss(self, model, {**inputs, "use_cache": False}, return_outputs, num_items_in_batch)
-
-
-def fsdp_wrap_classes(model) -> list[str]:
-    """The classes of the model's `_no_split_modules` that it really contains: FSDP's units for any LLM.
-
-    transformers gathers `_no_split_modules` from the sub-models' classes, so a SigLIP vision tower built without its
-    pooling head still names `SiglipMultiheadAttentionPoolingHead` (and `SiglipTextEmbeddings`); accelerate's
-    TRANSFORMER_BASED_WRAP refuses a class the model lacks ("Could not find the transformer layer class").
-    """
-    present = {type(module).__name__ for module in model.modules()}
-    return sorted(name for name in model._no_split_modules if name in present)
 
 
 # --- crash-safe checkpoints ---------------------------------------------------------------------------------------
@@ -275,7 +263,6 @@ __all__ = [
     "answer_labels",
     "checkpoint_problem",
     "complete_checkpoints",
-    "fsdp_wrap_classes",
     "is_structured_chat",
     "latest_complete_checkpoint",
     "write_json_atomically",
