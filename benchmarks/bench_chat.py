@@ -10,17 +10,15 @@ recomputing the vision tower. LLaVA feeds every patch to the LLM; VisCPM-Chat fe
 import argparse
 
 import torch
+from timing import median_seconds
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from viscpm_hf import (
     VisCPMChatConfig,
     VisCPMChatForConditionalGeneration,
-    VisCPMChatProcessor,
     build_byte_level_tokenizer,
-    paper_image_processor,
 )
-from timing import median_seconds
 
 
 SIZES = {

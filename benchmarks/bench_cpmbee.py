@@ -31,10 +31,10 @@ import time
 from pathlib import Path
 
 import torch
+from timing import median_seconds, per_round_ratio
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from viscpm_hf import CpmBeeConfig, CpmBeeForCausalLM
-from timing import median_seconds, per_round_ratio
 
 
 VOCAB = 86583
@@ -203,8 +203,10 @@ def synthetic_checkpoint(path: Path, size_gb: float) -> dict:
            "position_bias_max_distance": 2048, "eps": 1e-6}  # fmt: skip
     vision = {"img_size": 224, "patch_size": 16, "encoder_embed_dim": 64, "encoder_attention_heads": 4,
               "encoder_ffn_embed_dim": 128, "encoder_layers": 2}  # fmt: skip
-    from viscpm_hf.convert.chat import chat_config_from_original
-    from viscpm_hf.convert.chat import convert_chat_key  # noqa: F401  (the layout we invert below)
+    from viscpm_hf.convert.chat import (
+        chat_config_from_original,
+        convert_chat_key,  # noqa: F401  (the layout we invert below)
+    )
 
     config = chat_config_from_original(llm, vision)
     with torch.device("meta"):

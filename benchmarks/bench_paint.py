@@ -12,10 +12,17 @@ import time
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from timing import interleaved_medians, per_round_ratio
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from viscpm_hf import CpmBeeConfig, CpmBeeModel, CpmBeeTokenizer, VisCPMPaintPipeline, VisCPMTransBlock, build_byte_level_tokenizer
-from timing import interleaved_medians, per_round_ratio
+from viscpm_hf import (
+    CpmBeeConfig,
+    CpmBeeModel,
+    CpmBeeTokenizer,
+    VisCPMPaintPipeline,
+    VisCPMTransBlock,
+    build_byte_level_tokenizer,
+)
 
 
 def components(cross_attention_dim: int = 512):

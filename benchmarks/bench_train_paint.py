@@ -29,7 +29,7 @@ from diffusers.optimization import get_scheduler
 from transformers import BertConfig, BertModel
 
 from viscpm_hf import VisCPMPaintPipeline, VisCPMTransBlock, build_byte_level_tokenizer
-from viscpm_hf.paint.training import CaptionEncoder, PaintDenoiser, mark_trainable
+from viscpm_hf.training.paint import CaptionEncoder, PaintDenoiser, mark_trainable
 
 
 ROOT = Path(__file__).resolve().parents[1]

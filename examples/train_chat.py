@@ -47,18 +47,22 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentP
 from trl import SFTConfig, SFTTrainer
 
 import viscpm_hf  # noqa: F401  (registers the VisCPM classes)
-from viscpm_hf.chat.training import (
+from viscpm_hf.hub import check_hub_target, derived_metadata, missing_metadata, push_to_hub, write_card
+from viscpm_hf.mpm.data import (
+    caption_dataset,
+    conversation_dataset,
+    image_text_dataset,
+    mix_languages,
+    split_assistant_turns,
+)
+from viscpm_hf.training.checkpoints import (
     CompleteCheckpoints,
-    CpmBeeChatCollator,
-    ModelLossSFTTrainer,
     checkpoint_problem,
-    is_structured_chat,
     latest_complete_checkpoint,
     write_json_atomically,
 )
-from viscpm_hf.data import caption_dataset, conversation_dataset, image_text_dataset, mix_languages, split_assistant_turns
-from viscpm_hf.hub import check_hub_target, derived_metadata, missing_metadata, push_to_hub, write_card
-from viscpm_hf.sharding import set_fsdp_units, warn_if_not_sharded
+from viscpm_hf.training.cpmbee import CpmBeeChatCollator, ModelLossSFTTrainer, is_structured_chat
+from viscpm_hf.training.sharding import set_fsdp_units, warn_if_not_sharded
 
 
 logger = logging.getLogger("train_chat")

@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 import viscpm_hf  # noqa: F401  (registers VisCPM-Paint with diffusers)
 from viscpm_hf import VisCPMPaintPipeline
 from viscpm_hf.hub import check_hub_target, derived_metadata, missing_metadata, push_to_hub, write_card
-from viscpm_hf.paint.training import (
+from viscpm_hf.training.paint import (
     CaptionEncoder,
     EpochSampler,
     PaintDenoiser,
@@ -68,7 +68,7 @@ from viscpm_hf.paint.training import (
     mark_trainable,
     pad_text_states,
 )
-from viscpm_hf.sharding import SHARDED, set_fsdp_units, warn_if_not_sharded
+from viscpm_hf.training.sharding import SHARDED, set_fsdp_units, warn_if_not_sharded
 
 
 logger = get_logger(__name__, log_level="INFO")

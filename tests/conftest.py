@@ -2,8 +2,11 @@
 
 import os
 
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# transformers 5.25 kernelizes models in from_pretrained, fetching kernels from the Hub: never here.
+os.environ["USE_HUB_KERNELS"] = "NO"
 
 import pytest
 from tiny_models import make_chat_config, make_chat_model, make_processor, random_image

@@ -32,22 +32,19 @@ import evaluate
 import torch
 from huggingface_hub import EvalResult, ModelCardData
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 from transformers.utils import logging as transformers_logging
 
-from viscpm_hf import VisCPMChatConfig, VisCPMChatForConditionalGeneration, VisCPMChatProcessor, paper_image_processor
-from viscpm_hf.data.openmoji import build_openmoji_dataset
+from viscpm_hf import VisCPMChatConfig, VisCPMChatForConditionalGeneration
 from viscpm_hf.hub import write_card
-from viscpm_hf.evaluation import metric_path
-from viscpm_hf.pivots import load_efficientnet_lite0, load_gemma3_270m, load_smollm2
+from viscpm_hf.mpm.chat_models import LLMS, PRETRAINED_TOWERS, build_processor, load_chat  # noqa: F401 (load_chat: the tests')
+from viscpm_hf.mpm.data.openmoji import build_openmoji_dataset
+from viscpm_hf.mpm.evaluation import metric_path
+from viscpm_hf.mpm.pivots import load_efficientnet_lite0
 
 
 TRAINED_MODEL = "model"  # where train_chat.py writes the trained model (or adapter) inside --output_dir
 EXAMPLES = Path(__file__).resolve().parents[1]
-LLMS = {"gemma": load_gemma3_270m, "smollm2": load_smollm2}
-LLM_TYPES = {"gemma3_text": "gemma", "llama": "smollm2"}  # the LLM a saved config was built on
 LLM_HUB_IDS = {"gemma": "google/gemma-3-270m", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # for model cards
-PRETRAINED_TOWERS = {"efficientnet": load_efficientnet_lite0}  # vision model_type -> loader; frozen in both stages
 LANGUAGES = ("en", "zh", "de", "fr")
 ASKED = ("zh", "en", "de", "fr")  # the table's order: the target language first
 DEMO_EMOJI = ("🐘", "🍎", "🐱", "🏠", "🚗", "☀️")
@@ -136,16 +133,6 @@ def english_instructions(args, folder: Path, train, share: float) -> Path:
 # 2. The model: the pretrained LLM whole, a pretrained (or small, new) vision tower and the bridge from scratch.
 
 
-def build_processor(tokenizer, image_size: int, num_query_tokens: int) -> VisCPMChatProcessor:
-    """The LLM's tokenizer with an <image> placeholder, and the paper's image preprocessing."""
-    tokenizer.add_tokens(["<image>"], special_tokens=True)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return VisCPMChatProcessor(
-        image_processor=paper_image_processor(image_size), tokenizer=tokenizer, num_image_tokens=num_query_tokens
-    )
-
-
 @torch.no_grad()
 def match_embedding_scale(model, processor, train, num_images: int = 16) -> float:
     """Scales the bridge's last layer so that image tokens start at the norm of the LLM's word embeddings.
@@ -196,28 +183,6 @@ def build_initial_model(args, folder: Path, train) -> None:
     model.generation_config.update(num_beams=args.num_beams, length_penalty=1.0, max_new_tokens=args.max_new_tokens)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
-
-
-def load_chat(adapter: str | Path, base: str | Path | None = None):
-    """A stage-2 model and its processor: the base (an `init` folder, or with None the LLM from its package under the
-    adapter folder's config.json) with the saved adapter (LoRA, tower, bridge) merged in."""
-    from peft import PeftModel
-
-    if base is not None:
-        model = AutoModelForImageTextToText.from_pretrained(base)
-        processor = AutoProcessor.from_pretrained(base)
-    else:
-        config = VisCPMChatConfig.from_pretrained(adapter)
-        llm, tokenizer = LLMS[LLM_TYPES[config.text_config.model_type]]()
-        processor = build_processor(tokenizer, config.vision_config.image_size, config.num_query_tokens)
-        llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the <image> row: its logit is suppressed
-        model = VisCPMChatForConditionalGeneration(config)
-        model.model.llm.load_state_dict(llm.state_dict())
-        if config.vision_config.model_type in PRETRAINED_TOWERS:  # frozen, so not in the adapter
-            model.model.vision_tower.load_state_dict(PRETRAINED_TOWERS[config.vision_config.model_type]().state_dict())
-        model.generation_config = GenerationConfig.from_pretrained(adapter)
-    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    return model.eval(), processor
 
 
 # 3. The two stages, with examples/train_chat.py.

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from viscpm_hf import VisCPMPaintPipeline
-from viscpm_hf.pivots import load_multilingual_e5
+from viscpm_hf.mpm.pivots import load_multilingual_e5
 
 
 DEFAULT = Path(__file__).resolve().parent / "default" / "paint"
@@ -43,7 +43,7 @@ def nearest_training_emoji(pipeline_folder: Path, images: torch.Tensor) -> list[
     """The training emoji whose rendered image is nearest (raw pixels) to each generated image: a readable check."""
     import numpy as np
 
-    from viscpm_hf.data.openmoji import render_emoji
+    from viscpm_hf.mpm.data.openmoji import render_emoji
 
     entries = json.loads((Path(pipeline_folder) / "training_emoji.json").read_text())
     size = images.shape[-1]
@@ -91,9 +91,8 @@ def main(argv=None) -> None:
 
 
 def ask(folder: str | Path, image_path: str | Path, questions: list[str]) -> list[str]:
+    from viscpm_hf.mpm.chat_models import load_chat
     from PIL import Image
-
-    from chat_openmoji import load_chat
 
     if not Path(image_path).is_file():
         raise SystemExit(f"error: no image at {image_path}; pass an existing file to --image.")

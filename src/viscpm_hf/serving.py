@@ -1,24 +1,29 @@
-"""`viscpm-serve`: transformers' own `transformers serve` (OpenAI-compatible), in a process that imported viscpm_hf.
+"""`viscpm-serve`: transformers' own `transformers serve` (OpenAI-compatible), in a process that knows viscpm_hf.
 
 `transformers serve` has no plugin mechanism (no entry points, no option naming a module to import): its server only
-knows the classes of the packages imported in its process, and the `transformers` command imports none. This command
-imports viscpm_hf, whose `registration.register()` makes serve find VisCPM-Chat and CPM-Bee, then hands all its
-arguments to transformers' serve command, unchanged:
+knows the classes of the packages imported in its process. This command hands all its arguments to serve's command,
+unchanged, after importing viscpm_hf and `integrations.transformers_serve`:
 
     viscpm-serve path/to/viscpm-chat --host 127.0.0.1 --port 8000
     python -m viscpm_hf.serving path/to/viscpm-chat --port 8000     # the same, without the console script
 
+Since transformers 5.25 the model runs in a process of its own, started with `spawn`: that process re-imports the
+main module (this one, or the console script that imports it), so the registration happens here, at import time.
 It needs transformers' serving extras (`pip install "viscpm-hf[serve]"`: FastAPI, Uvicorn, openai).
 """
 
 import sys
 
+from .integrations import hub_kernels, transformers_serve
+
+
+hub_kernels.disable_hub_kernels_when_offline()
+transformers_serve.register()
+
 
 def main(argv: list[str] | None = None) -> None:
     import typer
     from transformers.cli.serve import Serve  # the command `transformers serve` runs
-
-    import viscpm_hf  # noqa: F401  (registers the project's classes, see registration.py)
 
     app = typer.Typer(add_completion=False)
     app.command()(Serve)

@@ -12,8 +12,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from viscpm_hf import CpmBeeTokenizer, VisCPMChatForConditionalGeneration, VisCPMChatProcessor
 from viscpm_hf.convert.chat import IMAGE_TOKEN_ID, chat_config_from_original, convert_chat, plan_conversion
 from viscpm_hf.convert.cli import main
-from viscpm_hf.cpmbee.prompt_cpmbee import collate_prompts, flatten_prompt
-from viscpm_hf.cpmbee.tokenization_cpmbee import escape_markup
+from viscpm_hf.models.cpmbee.prompt_cpmbee import collate_prompts, flatten_prompt
+from viscpm_hf.models.cpmbee.tokenization_cpmbee import escape_markup
 
 
 CASES = ["e1_img0_en", "e2_img1_zh", "e3_img0_zh_multiturn"]
@@ -320,7 +320,7 @@ def test_beam_search_matches_the_original(model, processor, name, setting):
 def test_beam_search_offers_the_originals_hypotheses_and_stops_at_its_step(model, processor, name, setting, monkeypatch):
     """Every finished hypothesis the original offered (tokens, summed log-prob, score), in order, and its number of
     model calls: the stopping rule (checked before a step's candidates are used) decides the latter."""
-    from viscpm_hf.cpmbee import generation_cpmbee
+    from viscpm_hf.models.cpmbee import generation_cpmbee
 
     case = json_file("chat_e2e.json")[name][setting]
     settings = case["settings"]

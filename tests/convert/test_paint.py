@@ -19,7 +19,7 @@ from viscpm_hf.convert.paint import (
     plan_conversion,
     text_encoder_config,
 )
-from viscpm_hf.cpmbee.prompt_cpmbee import paint_prompts
+from viscpm_hf.models.cpmbee.prompt_cpmbee import paint_prompts
 
 
 CASES = ["cat_zh_noneg", "sunset_en_neg", "astronaut_zh_emptyneg", "ext_oov", "ink_long_neg"]

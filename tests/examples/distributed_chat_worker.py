@@ -33,8 +33,8 @@ def fsdp(model_dir: str, data: str, out: str, names: str | None = None) -> None:
     from torch.distributed.tensor import DTensor
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from viscpm_hf.chat.training import CpmBeeChatCollator
-    from viscpm_hf.sharding import fsdp_wrap_classes
+    from viscpm_hf.training.cpmbee import CpmBeeChatCollator
+    from viscpm_hf.training.sharding import fsdp_wrap_classes
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     torch.manual_seed(0)

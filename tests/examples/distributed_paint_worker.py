@@ -30,8 +30,13 @@ def main(workspace: str, out: str) -> None:
     from torch.distributed.tensor import DTensor
 
     from viscpm_hf import VisCPMPaintPipeline
-    from viscpm_hf.paint.training import (
-        CaptionEncoder, PaintDenoiser, PaintTrainDataset, collate_paint, load_image_captions, mark_trainable,
+    from viscpm_hf.training.paint import (
+        CaptionEncoder,
+        PaintDenoiser,
+        PaintTrainDataset,
+        collate_paint,
+        load_image_captions,
+        mark_trainable,
     )  # fmt: skip
 
     train_paint = load_example("train_paint")

@@ -115,7 +115,6 @@ def write_metadata(folder: Path, rows, key: str = "text") -> None:
 def build_paint_workspace(root: Path) -> Path:
     """`root/model` (the tiny VisCPM-Paint of tests/paint) and `root/images`: 8 distinct 32 x 32 images, one caption
     each."""
-    sys.path.insert(0, str(ROOT / "tests" / "paint"))
     from tiny_paint import tiny_pipeline
 
     tiny_pipeline().save_pretrained(root / "model")

@@ -5,24 +5,20 @@ units on the real models, are checked in test_distributed_chat.py and test_train
 
 import gc
 import re
-import sys
 
 import pytest
 from accelerate import PartialState
 from accelerate.commands.config.config_args import ClusterConfig
 from accelerate.utils import FullyShardedDataParallelPlugin
-from example_scripts import CONFIGS, ROOT, accelerate_config, load_example
+from example_scripts import CONFIGS, accelerate_config, load_example
 from tiny_models import make_chat_model
+from tiny_paint import tiny_unet
 
 from viscpm_hf import build_byte_level_tokenizer
-from viscpm_hf.beit3.modeling_beit3 import VisCPMBeit3Model
-from viscpm_hf.chat.modeling_viscpm_chat import VisCPMChatForConditionalGeneration
-from viscpm_hf.sharding import fsdp_wrap_classes
-from viscpm_hf.cpmbee.modeling_cpmbee import CpmBeeForCausalLM
-
-
-sys.path.insert(0, str(ROOT / "tests" / "paint"))
-from tiny_paint import tiny_unet  # noqa: E402
+from viscpm_hf.models.beit3.modeling_beit3 import VisCPMBeit3Model
+from viscpm_hf.models.cpmbee.modeling_cpmbee import CpmBeeForCausalLM
+from viscpm_hf.models.viscpm_chat.modeling_viscpm_chat import VisCPMChatForConditionalGeneration
+from viscpm_hf.training.sharding import fsdp_wrap_classes
 
 
 KINDS = {"cpu": "NO", "single_gpu": "NO", "multi_gpu_ddp": "MULTI_GPU", "fsdp": "FSDP", "fsdp_chat": "FSDP",

@@ -75,7 +75,6 @@ def test_bundled_default_draws_the_car_and_the_elephant_from_chinese_prompts():
 
 
 def test_a_folder_without_its_text_encoder_says_what_to_pass(tmp_path):
-    sys.path.insert(0, str(ROOT / "tests" / "paint"))
     from tiny_paint import tiny_pipeline
 
     from viscpm_hf import VisCPMPaintPipeline

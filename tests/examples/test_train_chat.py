@@ -102,7 +102,7 @@ def test_loss_falls_when_overfitting(workspace, tmp_path):
 def test_loss_covers_every_assistant_turn_and_nothing_else(workspace):
     from trl import SFTConfig, SFTTrainer
 
-    from viscpm_hf.data import conversation_dataset
+    from viscpm_hf.mpm.data import conversation_dataset
 
     dataset = conversation_dataset(workspace / "conversations.json", workspace / "images")
     processor = make_processor(build_byte_level_tokenizer())
@@ -136,7 +136,7 @@ def test_resume_continues_the_same_loss_trajectory(workspace, tmp_path):
 
 
 def test_bilingual_mixing_is_deterministic(workspace):
-    from viscpm_hf.data import caption_dataset, mix_languages
+    from viscpm_hf.mpm.data import caption_dataset, mix_languages
 
     english = caption_dataset(workspace / "captions.json", workspace / "images")
     chinese = caption_dataset(workspace / "captions_zh.json", workspace / "images")
@@ -151,7 +151,7 @@ def test_bilingual_mixing_is_deterministic(workspace):
 
 
 def test_missing_images_are_skipped_with_a_count_or_fail(workspace, tmp_path, caplog):
-    from viscpm_hf.data import conversation_dataset
+    from viscpm_hf.mpm.data import conversation_dataset
 
     broken = json.loads((workspace / "conversations.json").read_text())
     broken[1]["image"] = "missing.png"
@@ -164,7 +164,7 @@ def test_missing_images_are_skipped_with_a_count_or_fail(workspace, tmp_path, ca
 
 
 def test_bad_data_gets_clear_messages(workspace, tmp_path):
-    from viscpm_hf.data import caption_dataset, conversation_dataset, image_text_dataset
+    from viscpm_hf.mpm.data import caption_dataset, conversation_dataset, image_text_dataset
 
     no_answer = tmp_path / "no_answer.json"
     no_answer.write_text(json.dumps([{"image": "0.png", "conversations": [{"from": "human", "value": "Hi"}]}]))

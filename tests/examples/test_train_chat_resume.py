@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from example_scripts import ROOT, Run, load_example
 
-from viscpm_hf.chat.training import MANIFEST_NAME, checkpoint_problem, latest_complete_checkpoint
+from viscpm_hf.training.checkpoints import MANIFEST_NAME, checkpoint_problem, latest_complete_checkpoint
 
 
 train_chat = load_example("train_chat")
@@ -73,7 +73,7 @@ def test_latest_resumes_from_the_newest_complete_checkpoint_and_sets_the_others_
     with pytest.raises(SystemExit, match="checkpoint-4 is not a complete checkpoint: optimizer.pt has"):
         train_chat.main(arguments(cpmbee_chat, chat_workspace, out, "--resume_from_checkpoint", str(out / "checkpoint-4")))
 
-    with caplog.at_level(logging.WARNING, logger="viscpm_hf.chat.training"):
+    with caplog.at_level(logging.WARNING, logger="viscpm_hf.training.checkpoints"):
         assert latest_complete_checkpoint(out) == good
     assert sorted(p.name for p in out.glob(".checkpoint-*.incomplete")) == [f".checkpoint-{s}.incomplete" for s in (3, 4, 5, 6)]
     assert caplog.text.count("Skipped") == 4 and "optimizer.pt has" in caplog.text

@@ -15,13 +15,10 @@ from accelerate import PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import FullyShardedDataParallelPlugin
 from diffusers import UNet2DConditionModel
-from example_scripts import ROOT, accelerate_config, free_port, load_example, wrapped_classes
+from example_scripts import accelerate_config, free_port, load_example, wrapped_classes
+from tiny_paint import tiny_pipeline, tiny_unet
 
-from viscpm_hf.paint.training import PaintDenoiser
-
-
-sys.path.insert(0, str(ROOT / "tests" / "paint"))
-from tiny_paint import tiny_pipeline, tiny_unet  # noqa: E402
+from viscpm_hf.training.paint import PaintDenoiser
 
 
 train_paint = load_example("train_paint")

@@ -13,11 +13,16 @@ from pathlib import Path
 
 import torch
 
-from ..beit3 import beit3_config_from_original, convert_beit3_key
-from ..chat import VisCPMChatConfig, VisCPMChatForConditionalGeneration, VisCPMChatProcessor, paper_image_processor
-from ..cpmbee import CpmBeeTokenizer
-from ..cpmbee.convert_cpmbee import convert_cpmbee_key, cpmbee_config_from_original
-from ..cpmbee.prompt_cpmbee import viscpm_chat_template
+from ..models.beit3 import beit3_config_from_original, convert_beit3_key
+from ..models.cpmbee import CpmBeeTokenizer
+from ..models.cpmbee.convert_cpmbee import convert_cpmbee_key, cpmbee_config_from_original
+from ..models.cpmbee.prompt_cpmbee import viscpm_chat_template
+from ..models.viscpm_chat import (
+    VisCPMChatConfig,
+    VisCPMChatForConditionalGeneration,
+    VisCPMChatProcessor,
+    paper_image_processor,
+)
 from .checkpoint import (
     FiniteCheck,
     OriginalCheckpoint,

@@ -18,10 +18,10 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
-from ..cpmbee import CpmBeeModel, CpmBeeTokenizer
-from ..cpmbee.configuration_cpmbee import CpmBeeConfig
-from ..cpmbee.convert_cpmbee import convert_cpmbee_key, cpmbee_config_from_original
-from ..paint.transblock import VisCPMTransBlock
+from ..models.cpmbee import CpmBeeModel, CpmBeeTokenizer
+from ..models.cpmbee.configuration_cpmbee import CpmBeeConfig
+from ..models.cpmbee.convert_cpmbee import convert_cpmbee_key, cpmbee_config_from_original
+from ..pipelines.viscpm_paint.transblock import VisCPMTransBlock
 from .chat import CPMBEE_10B, check_vocabulary
 from .checkpoint import (
     FiniteCheck,

@@ -1,0 +1,52 @@
+"""The MPM chat models of the OpenMoji experiments (`examples/mpm/chat_openmoji.py`): built over pivots that PyPI
+packages ship, saved as small adapter folders (bridge + LoRA), and rebuilt from those packages when loaded, as the
+web demo does with the shipped default."""
+
+from pathlib import Path
+
+from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+
+from ..models.viscpm_chat import (
+    VisCPMChatConfig,
+    VisCPMChatForConditionalGeneration,
+    VisCPMChatProcessor,
+    paper_image_processor,
+)
+from .pivots import load_efficientnet_lite0, load_gemma3_270m, load_smollm2
+
+
+LLMS = {"gemma": load_gemma3_270m, "smollm2": load_smollm2}
+LLM_TYPES = {"gemma3_text": "gemma", "llama": "smollm2"}  # the LLM a saved config was built on
+PRETRAINED_TOWERS = {"efficientnet": load_efficientnet_lite0}  # vision model_type -> loader; frozen in both stages
+
+
+def build_processor(tokenizer, image_size: int, num_query_tokens: int) -> VisCPMChatProcessor:
+    """The LLM's tokenizer with an <image> placeholder, and the paper's image preprocessing."""
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return VisCPMChatProcessor(
+        image_processor=paper_image_processor(image_size), tokenizer=tokenizer, num_image_tokens=num_query_tokens
+    )
+
+
+def load_chat(adapter: str | Path, base: str | Path | None = None):
+    """A stage-2 model and its processor: the base (an `init` folder, or with None the LLM from its package under the
+    adapter folder's config.json) with the saved adapter (LoRA, tower, bridge) merged in."""
+    from peft import PeftModel
+
+    if base is not None:
+        model = AutoModelForImageTextToText.from_pretrained(base)
+        processor = AutoProcessor.from_pretrained(base)
+    else:
+        config = VisCPMChatConfig.from_pretrained(adapter)
+        llm, tokenizer = LLMS[LLM_TYPES[config.text_config.model_type]]()
+        processor = build_processor(tokenizer, config.vision_config.image_size, config.num_query_tokens)
+        llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the <image> row: its logit is suppressed
+        model = VisCPMChatForConditionalGeneration(config)
+        model.model.llm.load_state_dict(llm.state_dict())
+        if config.vision_config.model_type in PRETRAINED_TOWERS:  # frozen, so not in the adapter
+            model.model.vision_tower.load_state_dict(PRETRAINED_TOWERS[config.vision_config.model_type]().state_dict())
+        model.generation_config = GenerationConfig.from_pretrained(adapter)
+    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model.eval(), processor

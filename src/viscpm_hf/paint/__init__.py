@@ -1,3 +1,0 @@
-from .pixel_autoencoder import PixelShuffleAutoencoder
-from .pipeline_viscpm_paint import VisCPMPaintPipeline, VisCPMPaintPipelineOutput
-from .transblock import VisCPMTransBlock

@@ -1,0 +1,3 @@
+from .pipeline_viscpm_paint import VisCPMPaintPipeline, VisCPMPaintPipelineOutput
+from .pixel_autoencoder import PixelShuffleAutoencoder
+from .transblock import VisCPMTransBlock

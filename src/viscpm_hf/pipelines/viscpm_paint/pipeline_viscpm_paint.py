@@ -1,0 +1,842 @@
+"""VisCPM-Paint: text-to-image with a multilingual LLM as the text encoder (MPM paper, section 3.3).
+
+A Stable Diffusion UNet and VAE are conditioned, through cross-attention, on the hidden states of a frozen LLM
+passed through the transblock. Trained on English pairs only, the model follows prompts in the LLM's other
+languages too. With CPM-Bee (the released weights) prompts are built exactly as the original builds them.
+"""
+
+import contextlib
+import dataclasses
+import inspect
+import logging
+import math
+import numbers
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.guiders.guider_utils import rescale_noise_cfg
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import USE_PEFT_BACKEND, BaseOutput, scale_lora_layers, unscale_lora_layers
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import PreTrainedModel
+
+from ...models.cpmbee.prompt_cpmbee import CpmBeePrompt, collate_prompts, flatten_prompt
+from ...models.cpmbee.tokenization_cpmbee import CpmBeeTokenizer, escape_markup
+from .pixel_autoencoder import PixelShuffleAutoencoder
+from .transblock import VisCPMTransBlock
+
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+CAPTION_SEGMENT = 2  # of {'caption': ..., 'objects': ''}: the root, the key 'caption', then its value
+# A tokenizer without a declared limit reports transformers' huge sentinel as its model_max_length.
+NO_TOKENIZER_LIMIT = 1_000_000
+
+# A fast tokenizer changes its Rust backend's truncation settings inside a call, which fails ("Already borrowed")
+# when two threads tokenize at once; tokenizing takes microseconds, so calls take turns.
+_TOKENIZER_LOCK = threading.Lock()
+# Schedulers that are denoising now (by id): a scheduler holds per-call state (timesteps, step index, history).
+_SCHEDULERS_IN_USE: set[int] = set()
+_SCHEDULERS_LOCK = threading.Lock()
+
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> import viscpm_hf  # registers VisCPMPaintPipeline with diffusers
+        >>> from viscpm_hf import VisCPMPaintPipeline
+
+        >>> pipe = VisCPMPaintPipeline.from_pretrained("path/or/repo/of/viscpm-paint", dtype=torch.float16)
+        >>> image = pipe("一只可爱的猫", generator=torch.Generator().manual_seed(0)).images[0]
+
+        >>> pipe.load_lora_weights("path/to/output_dir/pipeline")  # a UNet LoRA, e.g. from train_paint.py --lora_rank
+        >>> image = pipe("一只可爱的猫", cross_attention_kwargs={"scale": 0.7}).images[0]
+        ```
+"""
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class VisCPMPaintPipelineOutput(BaseOutput):
+    """`images`, and per image whether the safety checker flagged it (None without a checker)."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    nsfw_content_detected: list[bool] | None = None
+
+
+class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+    r"""
+    Text-to-image with an LLM as the text encoder.
+
+    Args:
+        tokenizer (*optional*): A [`CpmBeeTokenizer`] (the released weights: prompts are built as the original builds
+            them) or any tokenizer of `text_encoder`.
+        text_encoder (*optional*): Any transformers model whose output has `last_hidden_state`; it stays frozen.
+            Without it (and the tokenizer) the pipeline denoises from `prompt_embeds` only, e.g. ones computed by
+            another pipeline's `encode_prompt`.
+        transblock ([`VisCPMTransBlock`]): LLM hidden size -> UNet cross-attention width; kept in float32.
+        unet ([`UNet2DConditionModel`]), vae ([`AutoencoderKL`], or [`PixelShuffleAutoencoder`] for tiny images), scheduler: as in Stable Diffusion (DDPM for the
+            released weights; any diffusers scheduler works).
+        reranker, reranker_processor (*optional*): a CLIP-style model (`logits_per_image`) and its processor,
+            used by `rerank=N` to keep the best of N candidates (Chinese-CLIP in the paper).
+        safety_checker, feature_extractor (*optional*): Stable Diffusion's safety checker and its image processor.
+
+    UNet LoRAs load as in Stable Diffusion (`load_lora_weights`, `fuse_lora`, `unload_lora_weights`, `set_adapters`;
+    the scale per call is `cross_attention_kwargs={"scale": s}`).
+
+    Threads: one call at a time per scheduler. The scheduler keeps the state of the call that is denoising
+    (timesteps, step index), so a second call on the same pipeline while one runs raises a `RuntimeError` instead
+    of corrupting both. For concurrent requests give each one a pipeline that shares the models (no extra memory)
+    but has its own scheduler, as diffusers' server guide does:
+    `VisCPMPaintPipeline.from_pipe(pipe, scheduler=pipe.scheduler.from_config(pipe.scheduler.config), dtype=...)`
+    (`from_pipe` casts the shared models to `dtype`, float32 when omitted: pass the pipeline's own). A LoRA scale
+    given through `cross_attention_kwargs` is set on the shared UNet's layers during each forward, so concurrent
+    calls must agree on it (or fuse the LoRA).
+    """
+
+    model_cpu_offload_seq = "text_encoder->transblock->unet->vae"
+    _optional_components = [
+        "tokenizer", "text_encoder", "reranker", "reranker_processor", "safety_checker", "feature_extractor",
+    ]  # fmt: skip
+    _exclude_from_cpu_offload = ["safety_checker", "reranker"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    def __init__(
+        self,
+        tokenizer,
+        text_encoder: PreTrainedModel | None,
+        transblock: VisCPMTransBlock,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL | PixelShuffleAutoencoder,
+        scheduler: KarrasDiffusionSchedulers,
+        reranker: PreTrainedModel | None = None,
+        reranker_processor=None,
+        safety_checker=None,
+        feature_extractor=None,
+    ):
+        super().__init__()
+        text_width = None if text_encoder is None else getattr(text_encoder.config, "hidden_size", None)
+        if text_width is not None and text_width != transblock.config.in_features:
+            raise ValueError(
+                f"The text encoder's hidden size ({text_width}) does not match the transblock's in_features "
+                f"({transblock.config.in_features}): build the transblock as VisCPMTransBlock(in_features={text_width}, "
+                f"out_features={transblock.config.out_features})."
+            )
+        if transblock.config.out_features != unet.config.cross_attention_dim:
+            raise ValueError(
+                f"The transblock gives {transblock.config.out_features} features but the UNet's cross_attention_dim "
+                f"is {unet.config.cross_attention_dim}: they must be equal."
+            )
+        self.register_modules(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            transblock=transblock,
+            unet=unet,
+            vae=vae,
+            scheduler=scheduler,
+            reranker=reranker,
+            reranker_processor=reranker_processor,
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
+        )
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "VisCPMPaintPipeline":
+        """Loads a local folder or a Hub repo; a repo is downloaded first, since diffusers cannot resolve the
+        third-party components of a repo it has not downloaded (diffusers#6563)."""
+        import json
+        from pathlib import Path
+
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+        from huggingface_hub.utils import validate_repo_id
+
+        name = os.fspath(pretrained_model_name_or_path)
+        if not os.path.isdir(name):
+            if os.path.exists(name):
+                raise NotADirectoryError(
+                    f"{name} is a file: from_pretrained takes a pipeline folder (the one with model_index.json) or a "
+                    "Hub repo id."
+                )
+            try:
+                validate_repo_id(name)
+                looks_local = name.startswith(("./", "../", "~")) or isinstance(pretrained_model_name_or_path, os.PathLike)
+            except HFValidationError:
+                looks_local = True
+            if looks_local:
+                raise FileNotFoundError(
+                    f"The folder {name} does not exist: check the path (from_pretrained takes a saved pipeline folder, "
+                    "or a Hub repo id of the form 'owner/name')."
+                )
+            download_keys = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
+            try:
+                name = snapshot_download(name, **{k: kwargs[k] for k in download_keys if k in kwargs})
+            except (LocalEntryNotFoundError, RepositoryNotFoundError) as error:
+                raise FileNotFoundError(
+                    f"{name} is neither a local folder nor a Hub repo that could be downloaded or found in the cache "
+                    f"({type(error).__name__}): check the path or the repo id."
+                ) from error
+        index = Path(name) / "model_index.json"
+        if index.is_file():
+            entries = json.loads(index.read_text())
+            absent = [
+                key for key in ("tokenizer", "text_encoder") if entries.get(key, [None])[0] is None and key not in kwargs
+            ]
+            if absent:
+                raise ValueError(
+                    f"{name} was saved without its {' and '.join(absent)} (model_index.json lists them as null, e.g. "
+                    f"to ship a small folder whose encoder comes from elsewhere): pass "
+                    f"{', '.join(f'{key}=...' for key in absent)} to from_pretrained, e.g. from "
+                    "viscpm_hf.mpm.pivots.load_multilingual_e5() for the MPM demo, or "
+                    f"{', '.join(f'{key}=None' for key in absent)} to denoise from prompt_embeds only."
+                )
+        return super().from_pretrained(name, **kwargs)
+
+    # 1. Prompts -> UNet conditioning
+
+    @property
+    def faithful_prompts(self) -> bool:
+        """With CPM-Bee, prompts take the original's structure and padding (the released weights expect them)."""
+        return isinstance(self.tokenizer, CpmBeeTokenizer)
+
+    @property
+    def max_prompt_length(self) -> int | None:
+        """The most tokens the text encoder reads: the smaller of the tokenizer's `model_max_length` and the encoder's
+        `max_position_embeddings` (None when neither is set, as for CPM-Bee's relative positions). Longer prompts are
+        truncated, with a warning."""
+        limits = [getattr(self.tokenizer, "model_max_length", None)]
+        if self.text_encoder is not None:
+            limits.append(getattr(self.text_encoder.config, "max_position_embeddings", None))
+        limits = [limit for limit in limits if _is_integer(limit) and 0 < limit < NO_TOKENIZER_LIMIT]
+        return min(limits) if limits else None
+
+    def _require_text_encoder(self) -> None:
+        if self.text_encoder is None or self.tokenizer is None:
+            missing = " and ".join(name for name in ("text_encoder", "tokenizer") if getattr(self, name) is None)
+            raise ValueError(
+                f"This pipeline has no {missing}, so it cannot encode text: pass prompt_embeds (and "
+                "negative_prompt_embeds when guidance_scale > 1) from a pipeline that has one, e.g. its "
+                f"encode_prompt(...), or load this one with {', '.join(f'{m}=...' for m in missing.split(' and '))}."
+            )
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str],
+        device: torch.device | None = None,
+        num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True,
+        negative_prompt: str | list[str] | None = None,
+        lora_scale: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """Runs the text encoder once over all prompts (and negative prompts) and the transblock.
+
+        Returns `(prompt_embeds, negative_prompt_embeds, prompt_attention_mask, negative_prompt_attention_mask)`,
+        embeds `(batch * num_images_per_prompt, length, cross_attention_dim)`, masks `(batch * num_images, length)`.
+        With CPM-Bee the masks keep the original's padding (each prompt and its negative are padded with `<pad>`
+        to the longer of the two, and those rows are seen by the UNet); they only hide padding added to batch
+        prompts of different lengths. Prompts longer than `max_prompt_length` are truncated with a warning.
+        `lora_scale` scales LoRA layers loaded into the text encoder, as in Stable Diffusion.
+        """
+        self._require_text_encoder()
+        device = device or self._execution_device
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = self._negative_prompts(negative_prompt, len(prompts)) if do_classifier_free_guidance else None
+        scaled = lora_scale is not None and USE_PEFT_BACKEND
+        if scaled:
+            scale_lora_layers(self.text_encoder, lora_scale)
+        try:
+            hidden_states, mask = self._text_states(prompts, negatives, device)
+        finally:
+            if scaled:
+                unscale_lora_layers(self.text_encoder, lora_scale)
+        with torch.no_grad():
+            embeds = self.transblock(hidden_states, mask)
+            mask = self.transblock.conditioning_mask(mask)
+        embeds = embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        mask = mask.to(device).repeat_interleave(num_images_per_prompt, dim=0)
+        count = len(prompts) * num_images_per_prompt
+        if negatives is None:
+            return embeds, None, mask, None
+        return embeds[:count], embeds[count:], mask[:count], mask[count:]
+
+    @torch.no_grad()
+    def _text_states(
+        self, prompts: list[str], negatives: list[str] | None, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text encoder's final hidden states of prompts then negatives, with their mask, on the transblock's
+        device."""
+        self._require_text_encoder()
+        inputs, mask = self._text_inputs(prompts, negatives)
+        hidden_states = self.text_encoder(**{k: v.to(device) for k, v in inputs.items()}).last_hidden_state
+        return hidden_states.to(self.transblock.device), mask.to(self.transblock.device)
+
+    def _text_inputs(
+        self, prompts: list[str], negatives: list[str] | None = None, max_length: int | None = None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The text encoder's inputs for prompts then negatives, truncated to `max_length` (default
+        `max_prompt_length`), and the mask of the positions that carry conditioning."""
+        max_length = max_length or self.max_prompt_length
+        if self.faithful_prompts:
+            return self._cpmbee_inputs(prompts, negatives, max_length)
+        texts = prompts + (negatives or [])
+        with _TOKENIZER_LOCK:
+            inputs = self.tokenizer(
+                texts, padding=True, truncation=max_length is not None, max_length=max_length, return_tensors="pt"
+            )
+            if max_length is not None:
+                plain = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        mask = inputs["attention_mask"]
+        empty = [text for text, row in zip(texts, mask) if not row.any()]
+        if empty:
+            raise ValueError(
+                f"The tokenizer gives no token for {empty[0]!r} (the unconditional branch of classifier-free guidance "
+                "encodes the empty prompt): use a tokenizer that adds a BOS/CLS token, or pass a negative_prompt."
+            )
+        if max_length is not None:
+            specials = self.tokenizer.num_special_tokens_to_add()
+            kept = mask.sum(-1).tolist()
+            dropped = [len(ids) + specials - count for ids, count in zip(plain, kept)]
+            removed = [self.tokenizer.decode(ids[len(ids) - n :]) if n > 0 else "" for ids, n in zip(plain, dropped)]
+            self._warn_truncated(texts, dropped, max_length, removed)
+        inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        return inputs, mask
+
+    @staticmethod
+    def _warn_truncated(texts: list[str], dropped: list[int], limit: int, removed: list[str] | None = None) -> None:
+        for index, (text, count) in enumerate(zip(texts, dropped)):
+            if count > 0:
+                shown = repr(text) if len(text) <= 40 else f"{text[:40]!r}..."
+                what = f": {removed[index][:80]!r}" if removed and removed[index] else ""
+                logger.warning(
+                    f"Prompt {shown} is longer than the {limit} tokens the text encoder reads: {count} tokens were "
+                    f"dropped from its end{what}."
+                )
+
+    def set_caption_anchors(self, captions: list[str], temperature: float = 0.03, batch_size: int = 64) -> None:
+        """Anchors the transblock on these captions (e.g. the English training captions) and on the empty one: each
+        prompt's sentence vector is replaced by a mix of the anchors nearest to it (see `VisCPMTransBlock`). Saved
+        with the pipeline; a prompt in another language then draws what its nearest training caption draws."""
+        if not captions or not all(isinstance(c, str) and c for c in captions):
+            raise ValueError(
+                "captions must be a non-empty list of non-empty strings (the empty caption is added here)."
+            )
+        device = self._execution_device
+        sentences = []
+        for start in range(0, len(captions) + 1, batch_size):
+            chunk = (list(captions) + [""])[start : start + batch_size]
+            hidden_states, mask = self._text_states(chunk, None, device)
+            sentences.append(self.transblock.sentence_vectors(hidden_states.float(), mask))
+        self.transblock.set_anchors(torch.cat(sentences), temperature)
+
+    @staticmethod
+    def _negative_prompts(negative_prompt, batch_size: int) -> list[str]:
+        if negative_prompt is None:
+            return [""] * batch_size
+        negatives = [negative_prompt] * batch_size if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != batch_size:
+            raise ValueError(
+                f"negative_prompt has {len(negatives)} entries but prompt has {batch_size}: give one negative prompt "
+                "per prompt, or a single string for all."
+            )
+        return negatives
+
+    def _cpmbee_inputs(
+        self, prompts: list[str], negatives: list[str] | None, max_length: int | None = None
+    ) -> tuple[dict, torch.Tensor]:
+        """The original's CPM-Bee inputs `{'caption': prompt, 'objects': ''}`, padded to the batch's longest. A prompt
+        longer than `max_length` loses caption tokens from the end; its structure stays."""
+        texts = prompts + (negatives or [])
+        flattened = [flatten_prompt(self.tokenizer, {"caption": escape_markup(t), "objects": ""}) for t in texts]
+        if max_length is not None:
+            flattened, dropped = zip(*(self._truncate_caption(prompt, max_length) for prompt in flattened))
+            self._warn_truncated(texts, list(dropped), max_length)
+        lengths = [len(p) for p in flattened]
+        batch = collate_prompts(self.tokenizer, flattened, max(lengths))
+        inputs = batch.model_inputs()
+        inputs.pop("ext_table_ids"), inputs.pop("ext_table_sub")  # a text encoder scores nothing
+        # Each prompt and its negative share a length: the longer of the two, padding included, as the original.
+        pair_lengths = torch.tensor(lengths[: len(prompts)])
+        if negatives is not None:
+            pair_lengths = torch.maximum(pair_lengths, torch.tensor(lengths[len(prompts) :]))
+            pair_lengths = torch.cat([pair_lengths, pair_lengths])
+        mask = (torch.arange(max(lengths))[None] < pair_lengths[:, None]).long()
+        return inputs, mask
+
+    @staticmethod
+    def _truncate_caption(prompt: CpmBeePrompt, max_length: int) -> tuple[CpmBeePrompt, int]:
+        """Drops the caption's last tokens (not its `</s>`) until the flattened prompt has `max_length` tokens."""
+        excess = len(prompt) - max_length
+        if excess <= 0:
+            return prompt, 0
+        caption = [i for i, segment in enumerate(prompt.segment_ids) if segment == CAPTION_SEGMENT][1:-1]
+        if excess > len(caption):
+            raise ValueError(
+                f"The text encoder reads at most {max_length} tokens, fewer than the {len(prompt) - len(caption)} "
+                "that the prompt structure needs without any caption: raise its max_position_embeddings."
+            )
+        drop = set(caption[len(caption) - excess :])
+
+        def keep(values: list[int]) -> list[int]:
+            return [value for position, value in enumerate(values) if position not in drop]
+
+        truncated = dataclasses.replace(
+            prompt,
+            input_ids=keep(prompt.input_ids),
+            input_id_subs=keep(prompt.input_id_subs),
+            context=keep(prompt.context),
+            segment_ids=keep(prompt.segment_ids),
+        )
+        return truncated, excess
+
+    # 2. Checks
+
+    def check_inputs(
+        self,
+        prompt,
+        height,
+        width,
+        num_inference_steps,
+        timesteps,
+        guidance_scale,
+        negative_prompt,
+        num_images_per_prompt,
+        eta,
+        generator,
+        latents,
+        prompt_embeds,
+        negative_prompt_embeds,
+        prompt_attention_mask,
+        negative_prompt_attention_mask,
+        rerank,
+        output_type,
+        cross_attention_kwargs,
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs,
+        guidance_rescale=0.0,
+    ) -> None:
+        """Every argument of `__call__`, checked before any work; each error names the argument and what it takes."""
+        for name, value in (("height", height), ("width", width)):
+            if not _is_integer(value) or value <= 0:
+                raise ValueError(
+                    f"{name} must be a positive integer (a multiple of {self.vae_scale_factor}), got {value!r}."
+                )
+        if height % self.vae_scale_factor or width % self.vae_scale_factor:
+            raise ValueError(
+                f"height and width must be divisible by {self.vae_scale_factor} (the VAE's downscaling factor), got "
+                f"{height} x {width}."
+            )
+        if timesteps is None:
+            if not _is_integer(num_inference_steps) or num_inference_steps < 1:
+                raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
+        else:
+            if not isinstance(timesteps, (list, tuple)) or not timesteps or not all(_is_integer(t) for t in timesteps):
+                raise ValueError(f"timesteps must be a non-empty list of integers, got {timesteps!r}.")
+            if "timesteps" not in inspect.signature(self.scheduler.set_timesteps).parameters:
+                raise ValueError(f"{type(self.scheduler).__name__} takes no custom timesteps: pass num_inference_steps.")
+        if not _is_finite_number(guidance_scale) or guidance_scale < 0:
+            raise ValueError(
+                f"guidance_scale must be a finite number >= 0 (values <= 1 turn classifier-free guidance off, 7.5 is "
+                f"the default), got {guidance_scale!r}."
+            )
+        if not _is_finite_number(guidance_rescale) or not 0 <= guidance_rescale <= 1:
+            raise ValueError(
+                f"guidance_rescale mixes in the rescaled prediction: it must be in [0, 1], got {guidance_rescale!r}."
+            )
+        if not _is_integer(num_images_per_prompt) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}.")
+        if not _is_finite_number(eta) or eta < 0:
+            raise ValueError(f"eta (DDIM's noise weight) must be a finite number >= 0, got {eta!r}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+
+        # Prompts and their embeddings.
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Pass either prompt or prompt_embeds, not both.")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Pass a prompt (a string or a list of strings), or prompt_embeds.")
+        if prompt is not None:
+            prompts = [prompt] if isinstance(prompt, str) else prompt
+            if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+                raise ValueError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}.")
+            if len(prompts) == 0:
+                raise ValueError("The prompt list is empty: give at least one prompt.")
+            self._require_text_encoder()
+            if prompt_attention_mask is not None or negative_prompt_attention_mask is not None:
+                raise ValueError("Attention masks go with prompt_embeds; a text prompt makes its own.")
+            batch_size = len(prompts)
+        if negative_prompt is not None:
+            if prompt is None:
+                raise ValueError("negative_prompt is text: pass negative_prompt_embeds together with prompt_embeds.")
+            negatives = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
+            if not isinstance(negatives, (list, tuple)) or not all(isinstance(p, str) for p in negatives):
+                raise ValueError(
+                    f"negative_prompt must be a string or a list of strings, got {type(negative_prompt).__name__}."
+                )
+            self._negative_prompts(negative_prompt, batch_size)
+            if guidance_scale <= 1:
+                raise ValueError(
+                    f"negative_prompt has no effect with guidance_scale={guidance_scale}: classifier-free guidance "
+                    "needs guidance_scale > 1 (7.5 by default)."
+                )
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Pass either negative_prompt or negative_prompt_embeds, not both.")
+        if prompt_embeds is not None:
+            self._check_embeds("prompt_embeds", prompt_embeds, prompt_attention_mask)
+            batch_size = prompt_embeds.shape[0]
+            if negative_prompt_embeds is not None:
+                self._check_embeds("negative_prompt_embeds", negative_prompt_embeds, negative_prompt_attention_mask)
+                if negative_prompt_embeds.shape[0] != batch_size:
+                    raise ValueError(
+                        f"prompt_embeds has batch size {batch_size} but negative_prompt_embeds has "
+                        f"{negative_prompt_embeds.shape[0]}: they must be equal."
+                    )
+            elif guidance_scale > 1:
+                raise ValueError("With prompt_embeds and guidance_scale > 1, pass negative_prompt_embeds too.")
+            elif negative_prompt_attention_mask is not None:
+                raise ValueError("negative_prompt_attention_mask goes with negative_prompt_embeds: pass both or neither.")
+        elif negative_prompt_embeds is not None:
+            raise ValueError("negative_prompt_embeds go with prompt_embeds; with a text prompt pass negative_prompt.")
+
+        # Generation settings.
+        if rerank is not None:
+            if not _is_integer(rerank) or rerank < 1:
+                raise ValueError(f"rerank must be a positive number of candidates per image, got {rerank!r}.")
+            if self.reranker is None or self.reranker_processor is None:
+                raise ValueError(
+                    "rerank needs a reranker: load the pipeline with reranker=<a CLIP-style model> and "
+                    "reranker_processor=<its processor> (Chinese-CLIP in the paper)."
+                )
+            if prompt is None:
+                raise ValueError("rerank scores images against the prompt text: pass prompt, not prompt_embeds.")
+        images = batch_size * num_images_per_prompt * (rerank or 1)
+        if isinstance(generator, list) and len(generator) != images:
+            raise ValueError(
+                f"Got {len(generator)} generators for {images} images (prompts x num_images_per_prompt x rerank): "
+                "pass one generator per image, or a single one."
+            )
+        if latents is not None:
+            factor = self.vae_scale_factor
+            shape = (images, self.unet.config.in_channels, height // factor, width // factor)
+            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
+                found = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+                raise ValueError(
+                    f"latents have shape {found}, expected {shape} (images, channels, height / {factor}, "
+                    f"width / {factor})."
+                )
+            if not torch.isfinite(latents).all():
+                raise ValueError("latents contain NaN or infinite values: the images would too.")
+        if cross_attention_kwargs is not None:
+            if not isinstance(cross_attention_kwargs, dict):
+                raise ValueError(f"cross_attention_kwargs must be a dict, got {type(cross_attention_kwargs).__name__}.")
+            scale = cross_attention_kwargs.get("scale", 1.0)
+            if not _is_finite_number(scale):
+                raise ValueError(
+                    f"cross_attention_kwargs['scale'] (the LoRA scale) must be a finite number, got {scale!r}."
+                )
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise ValueError(f"callback_on_step_end must be callable, got {type(callback_on_step_end).__name__}.")
+        unknown = set(callback_on_step_end_tensor_inputs or []) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {sorted(unknown)} are not in {self._callback_tensor_inputs}.")
+
+    def _check_embeds(self, name: str, embeds, mask) -> None:
+        width = self.unet.config.cross_attention_dim
+        if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3 or embeds.shape[-1] != width:
+            found = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+            raise ValueError(
+                f"{name} must be a (batch, length, {width}) tensor (transblock outputs, the UNet's "
+                f"cross_attention_dim {width}), got {found}."
+            )
+        if not torch.isfinite(embeds).all():
+            raise ValueError(f"{name} contain NaN or infinite values.")
+        if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(embeds.shape[:2])):
+            found = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"The attention mask of {name} must have shape {tuple(embeds.shape[:2])}, got {found}.")
+
+    @contextlib.contextmanager
+    def _own_scheduler(self):
+        """Holds the scheduler for one call; a second call on it while this one runs is refused."""
+        key = id(self.scheduler)
+        with _SCHEDULERS_LOCK:
+            if key in _SCHEDULERS_IN_USE:
+                raise RuntimeError(
+                    "This pipeline's scheduler is already denoising in another call (another thread?). A scheduler "
+                    "holds the state of its call, so two calls at once would corrupt each other. Give each thread "
+                    "its own pipeline that shares the models: VisCPMPaintPipeline.from_pipe(pipe, "
+                    "scheduler=pipe.scheduler.from_config(pipe.scheduler.config), dtype=<the pipeline's dtype>), "
+                    "or let the calls take turns (a lock)."
+                )
+            _SCHEDULERS_IN_USE.add(key)
+        try:
+            yield
+        finally:
+            with _SCHEDULERS_LOCK:
+                _SCHEDULERS_IN_USE.discard(key)
+
+    # 3. Latents and sampling
+
+    def prepare_latents(self, batch_size, num_channels_latents, height, width, dtype, device, generator, latents=None):
+        shape = (batch_size, num_channels_latents, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            latents = latents.to(device)
+        return latents * self.scheduler.init_noise_sigma
+
+    def set_timesteps(self, num_inference_steps: int, device, timesteps: list[int] | None = None) -> torch.Tensor:
+        if timesteps is None:
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+        else:
+            self.scheduler.set_timesteps(timesteps=timesteps, device=device)
+        return self.scheduler.timesteps
+
+    def prepare_extra_step_kwargs(self, generator, eta: float) -> dict:
+        parameters = set(inspect.signature(self.scheduler.step).parameters)
+        return {k: v for k, v in {"eta": eta, "generator": generator}.items() if k in parameters}
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1
+
+    @property
+    def cross_attention_kwargs(self) -> dict[str, Any] | None:
+        return self._cross_attention_kwargs
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    # 4. Images out
+
+    def run_safety_checker(self, image: torch.Tensor, device, dtype) -> tuple[torch.Tensor, list[bool] | None]:
+        if self.safety_checker is None:
+            return image, None
+        pil_images = self.image_processor.postprocess(image, output_type="pil")
+        checker_input = self.feature_extractor(pil_images, return_tensors="pt").to(device)
+        return self.safety_checker(images=image, clip_input=checker_input.pixel_values.to(dtype))
+
+    def rerank_scores(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Image-text score of each image `(n, 3, h, w)` in [0, 1] against its prompt, from the reranker."""
+        pil_images = self.image_processor.postprocess(images, output_type="pil")
+        inputs = self.reranker_processor(text=prompts, images=pil_images, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            logits = self.reranker(**inputs.to(self.reranker.device)).logits_per_image
+        return logits.diagonal().float().cpu()
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        guidance_scale: float = 7.5,
+        guidance_rescale: float = 0.0,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        rerank: int | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[[Any, int, int, dict], dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> VisCPMPaintPipelineOutput | tuple:
+        r"""
+        Generates images from prompts in any language the text encoder knows.
+
+        Args:
+            prompt: The prompt(s); longer than `max_prompt_length` tokens, they are truncated with a warning.
+            height, width: default the UNet's sample size times the VAE factor.
+            num_inference_steps (defaults to 50), timesteps: the schedule (DDPM as the paper by default).
+            guidance_scale (defaults to 7.5): classifier-free guidance, off at 1 or below; the unconditional branch
+                encodes `negative_prompt`, or the empty prompt, as the original.
+            guidance_rescale (defaults to 0.0): rescales the guided prediction towards the standard deviation of the
+                conditional one ("Common Diffusion Noise Schedules and Sample Steps are Flawed", section 3.4), which
+                keeps strong guidance from over-saturating v-prediction models; 0 leaves guidance as is.
+            num_images_per_prompt, eta, generator, latents: as in Stable Diffusion.
+            prompt_embeds, negative_prompt_embeds: precomputed UNet conditioning (transblock outputs, e.g. from
+                `encode_prompt`), with their optional `prompt_attention_mask` / `negative_prompt_attention_mask`;
+                the only input of a pipeline built without text encoder and tokenizer.
+            rerank (`int`, *optional*): generate this many candidates per image and keep the best by the reranker's
+                image-text score (the paper's best-of-N).
+            output_type: "pil", "np", "pt" or "latent". return_dict: a `VisCPMPaintPipelineOutput` or a tuple.
+            cross_attention_kwargs (`dict`, *optional*): passed to the UNet's attention processors, as in Stable
+                Diffusion; `"scale"` weighs loaded LoRA layers (0 turns them off).
+            callback_on_step_end, callback_on_step_end_tensor_inputs: called after every step with the tensors
+                named; returning `{"latents": ...}` replaces them.
+
+        Every argument is checked before any work (`check_inputs`). One call at a time per scheduler: see the class
+        docstring for concurrent requests.
+        """
+        if height is None:
+            height = self.unet.config.sample_size * self.vae_scale_factor
+        if width is None:
+            width = self.unet.config.sample_size * self.vae_scale_factor
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        self.check_inputs(
+            prompt, height, width, num_inference_steps, timesteps, guidance_scale, negative_prompt,
+            num_images_per_prompt, eta, generator, latents, prompt_embeds, negative_prompt_embeds,
+            prompt_attention_mask, negative_prompt_attention_mask, rerank, output_type, cross_attention_kwargs,
+            callback_on_step_end, callback_on_step_end_tensor_inputs, guidance_rescale,
+        )  # fmt: skip
+        with self._own_scheduler():
+            self._guidance_scale = guidance_scale
+            self._cross_attention_kwargs = cross_attention_kwargs
+            self._interrupt = False
+            device = self._execution_device
+            candidates = num_images_per_prompt * (rerank or 1)
+            lora_scale = None if cross_attention_kwargs is None else cross_attention_kwargs.get("scale")
+
+            # 1. The text encoder runs once per call.
+            if prompt_embeds is None:
+                prompt_embeds, negative_prompt_embeds, prompt_attention_mask, negative_prompt_attention_mask = (
+                    self.encode_prompt(
+                        prompt, device, candidates, self.do_classifier_free_guidance, negative_prompt, lora_scale
+                    )
+                )
+            else:
+                prompt_embeds = prompt_embeds.to(device).repeat_interleave(candidates, dim=0)
+                if negative_prompt_embeds is not None:
+                    negative_prompt_embeds = negative_prompt_embeds.to(device).repeat_interleave(candidates, dim=0)
+                if prompt_attention_mask is not None:
+                    prompt_attention_mask = prompt_attention_mask.to(device).repeat_interleave(candidates, dim=0)
+                if negative_prompt_attention_mask is not None:
+                    negative_prompt_attention_mask = negative_prompt_attention_mask.to(device).repeat_interleave(
+                        candidates, dim=0
+                    )
+            encoder_hidden_states, encoder_attention_mask = prompt_embeds, prompt_attention_mask
+            if self.do_classifier_free_guidance:
+                encoder_hidden_states, encoder_attention_mask = self._guidance_conditioning(
+                    prompt_embeds, negative_prompt_embeds, prompt_attention_mask, negative_prompt_attention_mask
+                )
+            encoder_hidden_states = encoder_hidden_states.to(self.unet.dtype)
+
+            # 2. Timesteps and initial latents.
+            timesteps = self.set_timesteps(num_inference_steps, device, timesteps)
+            batch_size = prompt_embeds.shape[0]
+            latents = self.prepare_latents(
+                batch_size, self.unet.config.in_channels, height, width, encoder_hidden_states.dtype, device,
+                generator, latents,
+            )  # fmt: skip
+            extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+
+            # 3. Denoising: only per-step work in the loop.
+            self._num_timesteps = len(timesteps)
+            with self.progress_bar(total=len(timesteps)) as progress_bar:
+                for i, t in enumerate(timesteps):
+                    if self.interrupt:
+                        continue
+                    model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+                    model_input = self.scheduler.scale_model_input(model_input, t)
+                    noise_pred = self.unet(
+                        model_input,
+                        t,
+                        encoder_hidden_states=encoder_hidden_states,
+                        encoder_attention_mask=encoder_attention_mask,
+                        cross_attention_kwargs=self.cross_attention_kwargs,
+                        return_dict=False,
+                    )[0]
+                    if self.do_classifier_free_guidance:
+                        noise_uncond, noise_text = noise_pred.chunk(2)
+                        noise_pred = noise_uncond + self.guidance_scale * (noise_text - noise_uncond)
+                        if guidance_rescale > 0:
+                            noise_pred = rescale_noise_cfg(noise_pred, noise_text, guidance_rescale=guidance_rescale)
+                    latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+
+                    if callback_on_step_end is not None:
+                        local_tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
+                        callback_kwargs = {k: local_tensors[k] for k in callback_on_step_end_tensor_inputs}
+                        callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                        latents = callback_outputs.pop("latents", latents)
+                    progress_bar.update()
+
+            # 4. Decode, check, rerank, post-process.
+            has_nsfw_concept = None
+            if output_type == "latent":
+                image = latents
+            else:
+                image = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
+                image, has_nsfw_concept = self.run_safety_checker(image, device, prompt_embeds.dtype)
+            if rerank is not None:
+                image, has_nsfw_concept = self._keep_best(image, has_nsfw_concept, prompt, num_images_per_prompt, rerank)
+            if output_type != "latent":
+                do_denormalize = [True] * image.shape[0] if has_nsfw_concept is None else [not nsfw for nsfw in has_nsfw_concept]
+                image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
+
+            self.maybe_free_model_hooks()
+        if not return_dict:
+            return image, has_nsfw_concept
+        return VisCPMPaintPipelineOutput(images=image, nsfw_content_detected=has_nsfw_concept)
+
+    def _guidance_conditioning(self, embeds, negative_embeds, mask, negative_mask):
+        """[unconditional; conditional] as one UNet batch, both padded to a common length."""
+        length = max(embeds.shape[1], negative_embeds.shape[1])
+
+        def pad(tensor, value_mask):
+            extra = length - tensor.shape[1]
+            if value_mask is None:
+                value_mask = torch.ones(tensor.shape[:2], dtype=torch.long, device=tensor.device)
+            if extra:
+                tensor = torch.nn.functional.pad(tensor, (0, 0, 0, extra))
+                value_mask = torch.nn.functional.pad(value_mask, (0, extra))
+            return tensor, value_mask
+
+        negative_embeds, negative_mask = pad(negative_embeds, negative_mask)
+        embeds, mask = pad(embeds, mask)
+        encoder_mask = torch.cat([negative_mask, mask])
+        return torch.cat([negative_embeds, embeds]), (None if bool(encoder_mask.all()) else encoder_mask)
+
+    def _keep_best(self, images, has_nsfw_concept, prompt, num_images_per_prompt: int, rerank: int):
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        per_prompt = num_images_per_prompt * rerank
+        texts = [p for p in prompts for _ in range(per_prompt)]
+        decoded = images if images.shape[1] == 3 else self.vae.decode(images / self.vae.config.scaling_factor, return_dict=False)[0]
+        scores = self.rerank_scores(decoded, texts).view(len(prompts), per_prompt)
+        keep = scores.topk(num_images_per_prompt, dim=1).indices
+        keep = (keep + torch.arange(len(prompts))[:, None] * per_prompt).flatten()
+        images = images[keep.to(images.device)]
+        if has_nsfw_concept is not None:
+            has_nsfw_concept = [has_nsfw_concept[i] for i in keep.tolist()]
+        return images, has_nsfw_concept
+
+
+__all__ = ["VisCPMPaintPipeline", "VisCPMPaintPipelineOutput"]

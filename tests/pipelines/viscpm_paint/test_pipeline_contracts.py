@@ -1,0 +1,331 @@
+"""VisCPM-Paint on diffusers' pipeline contracts: cross_attention_kwargs and LoRA loading, prompt truncation, optional
+text encoder, float32 transblock, strict input checks, and threads."""
+
+import logging
+import threading
+
+import numpy as np
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from tiny_paint import tiny_pipeline
+
+from viscpm_hf import VisCPMPaintPipeline
+
+
+STEPS = {"num_inference_steps": 3}
+LOGGER = "viscpm_hf.pipelines.viscpm_paint.pipeline_viscpm_paint"
+
+
+@pytest.fixture
+def pipe():
+    return tiny_pipeline()
+
+
+def generator(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def image(pipe, prompt="a cat", seed=0, **kwargs):
+    return pipe(prompt, output_type="np", generator=generator(seed), **{**STEPS, **kwargs}).images
+
+
+# --- cross_attention_kwargs and LoRA ------------------------------------------------------------------------
+
+
+class ProbeProcessor(AttnProcessor2_0):
+    """Records the extra argument that cross_attention_kwargs carries to every attention layer."""
+
+    def __init__(self, seen: list):
+        super().__init__()
+        self.seen = seen
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, probe=None):
+        self.seen.append(probe)
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+def test_cross_attention_kwargs_reach_the_attention_processors(pipe):
+    reference = image(pipe)
+    seen = []
+    pipe.unet.set_attn_processor(ProbeProcessor(seen))
+    with_probe = image(pipe, cross_attention_kwargs={"probe": "here"})
+    assert seen and set(seen) == {"here"}
+    assert pipe.cross_attention_kwargs == {"probe": "here"}
+    np.testing.assert_allclose(with_probe, reference, atol=1e-5)  # the same attention, only the argument added
+
+
+@pytest.fixture
+def lora_folder(tmp_path):
+    """A random (non-zero) rank-4 LoRA of the UNet's cross-attention, saved the diffusers way."""
+    unet = tiny_pipeline().unet
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=r".*\.attn2\.(to_q|to_k|to_v|to_out\.0)")
+    unet.add_adapter(config)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    VisCPMPaintPipeline.save_lora_weights(tmp_path, unet_lora_layers=layers, unet_lora_adapter_metadata=config.to_dict())
+    return tmp_path
+
+
+def test_a_lora_loads_scales_fuses_and_unloads_as_in_stable_diffusion(pipe, lora_folder):
+    base = image(pipe)
+    pipe.load_lora_weights(lora_folder, adapter_name="style")
+    assert pipe.get_active_adapters() == ["style"]
+    full = image(pipe)
+    assert np.abs(full - base).max() > 1e-3  # the LoRA changes the image
+    np.testing.assert_array_equal(image(pipe, cross_attention_kwargs={"scale": 0.0}), base)  # scale 0: the base, exactly
+    half = image(pipe, cross_attention_kwargs={"scale": 0.5})
+    assert 1e-4 < np.abs(half - base).max() < np.abs(full - base).max()
+    np.testing.assert_array_equal(image(pipe), full)  # the scale of one call does not stay
+    pipe.unload_lora_weights()
+    np.testing.assert_array_equal(image(pipe), base)
+    pipe.load_lora_weights(lora_folder)
+    pipe.fuse_lora()
+    np.testing.assert_allclose(image(pipe), full, atol=1e-4)  # fused == unfused (up to float rounding)
+    pipe.unfuse_lora()  # subtracts the update again: the base weights up to rounding
+    np.testing.assert_allclose(image(pipe, cross_attention_kwargs={"scale": 0.0}), base, atol=1e-4)
+
+
+# --- prompt truncation ----------------------------------------------------------------------------------------
+
+
+def test_long_prompts_are_truncated_to_the_encoders_positions_with_a_count(pipe, caplog):
+    """A BERT encoder reads 128 positions; a 901-token prompt is cut to them, not crashed on."""
+    assert pipe.max_prompt_length == 128
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        long, *_ = pipe.encode_prompt("x" * 900, do_classifier_free_guidance=False)
+    assert "is longer than the 128 tokens the text encoder reads: 773 tokens were dropped" in caplog.text
+    cut, *_ = pipe.encode_prompt("x" * 127, do_classifier_free_guidance=False)  # BOS + 127 bytes = 128 tokens
+    torch.testing.assert_close(long, cut)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        image(pipe, "x" * 900, num_inference_steps=1)
+        image(pipe, "x" * 127, num_inference_steps=1)
+    assert caplog.text.count("tokens were dropped") == 1
+
+
+def test_the_tokenizers_own_limit_counts_when_it_is_lower(pipe, caplog):
+    pipe.tokenizer.model_max_length = 16
+    assert pipe.max_prompt_length == 16
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        embeds, negative, *_ = pipe.encode_prompt("a red house by the sea", negative_prompt="x" * 40)
+    assert embeds.shape[1] == negative.shape[1] == 16
+    assert "7 tokens were dropped from its end: 'the sea'" in caplog.text  # BOS + 22 bytes: the last 7 go
+    assert "25 tokens were dropped" in caplog.text  # the negative prompt is truncated too
+
+
+def cpmbee_pipeline(pipe, max_position_embeddings=None):
+    from parity import PARITY_DIR, require_parity
+
+    from viscpm_hf import CpmBeeConfig, CpmBeeModel, CpmBeeTokenizer
+
+    require_parity()
+    tokenizer = CpmBeeTokenizer(vocab_file=str(PARITY_DIR / "cpmbee_vocab.txt"))
+    torch.manual_seed(0)
+    config = CpmBeeConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                          head_dim=8, intermediate_size=64, max_position_embeddings=max_position_embeddings)  # fmt: skip
+    return VisCPMPaintPipeline(**{**pipe.components, "tokenizer": tokenizer, "text_encoder": CpmBeeModel(config).eval()})
+
+
+def test_cpmbee_prompts_keep_their_structure_and_lose_caption_tokens_only(pipe, caplog):
+    prompt = "a watercolor painting of a lighthouse at dawn, with gulls over the waves " * 3
+    unlimited = cpmbee_pipeline(pipe)
+    assert unlimited.max_prompt_length is None  # relative positions: as the original, no truncation
+    full_inputs, _ = unlimited._text_inputs([prompt])
+    full = full_inputs["input_ids"][0].tolist()
+    assert len(full) > 40
+    limited = cpmbee_pipeline(pipe, max_position_embeddings=40)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        inputs, mask = limited._text_inputs([prompt])
+        embeds, *_ = limited.encode_prompt(prompt, do_classifier_free_guidance=False)
+    kept = inputs["input_ids"][0].tolist()
+    assert len(kept) == mask.shape[1] == embeds.shape[1] == 40
+    assert f"{len(full) - 40} tokens were dropped" in caplog.text
+    # The caption segment's start and every segment after it stay: [..., </s>, <s> objects </s>, <s> </s>].
+    assert kept[:-6] == full[: 40 - 6] and kept[-6:] == full[-6:]
+    assert inputs["segment_ids"][0].tolist()[-6:] == full_inputs["segment_ids"][0].tolist()[-6:]
+
+
+# --- optional text encoder and tokenizer -------------------------------------------------------------------
+
+
+def test_a_pipeline_without_text_encoder_denoises_from_prompt_embeds(pipe, tmp_path):
+    """The two-stage pattern: one pipeline encodes, another (without the LLM) denoises."""
+    embeds, negative, mask, negative_mask = pipe.encode_prompt("a cat", "cpu", 1, True)
+    from_text = image(pipe)
+    bare = VisCPMPaintPipeline(**{**pipe.components, "text_encoder": None, "tokenizer": None})
+    conditioning = {"prompt_embeds": embeds, "negative_prompt_embeds": negative, "prompt_attention_mask": mask,
+                    "negative_prompt_attention_mask": negative_mask}  # fmt: skip
+    from_embeds = bare(**conditioning, output_type="np", generator=generator(), **STEPS).images
+    np.testing.assert_allclose(from_embeds, from_text, atol=1e-6)
+    for call in (lambda: bare("a cat", **STEPS), lambda: bare.encode_prompt("a cat")):
+        with pytest.raises(ValueError, match="no text_encoder and tokenizer, so it cannot encode text: pass prompt_emb"):
+            call()
+    bare.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="text_encoder=None to denoise from prompt_embeds only"):
+        VisCPMPaintPipeline.from_pretrained(tmp_path)
+    loaded = VisCPMPaintPipeline.from_pretrained(tmp_path, text_encoder=None, tokenizer=None)
+    assert loaded.text_encoder is None and loaded.tokenizer is None
+    again = loaded(**conditioning, output_type="np", generator=generator(), **STEPS).images
+    np.testing.assert_allclose(again, from_text, atol=1e-6)
+
+
+# --- dtype ------------------------------------------------------------------------------------------------------
+
+
+def test_to_dtype_keeps_the_transblock_in_float32_as_loading_does(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    loaded = VisCPMPaintPipeline.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    for arguments in [(torch.bfloat16,), ("cpu", torch.bfloat16), {"dtype": torch.bfloat16}]:
+        fresh = VisCPMPaintPipeline.from_pretrained(tmp_path)
+        moved = fresh.to(**arguments) if isinstance(arguments, dict) else fresh.to(*arguments)
+        assert moved.unet.dtype == moved.text_encoder.dtype == torch.bfloat16
+        assert moved.transblock.dtype == torch.float32
+        np.testing.assert_array_equal(image(moved, num_inference_steps=2), image(loaded, num_inference_steps=2))
+    assert pipe.transblock.half().dtype == torch.float16  # an explicit cast of the transblock itself still applies
+
+
+# --- strict input checks --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_inference_steps": -3}, r"num_inference_steps must be a positive integer, got -3"),
+        ({"num_inference_steps": 0}, r"num_inference_steps must be a positive integer, got 0"),
+        ({"num_inference_steps": 2.5}, r"num_inference_steps must be a positive integer"),
+        ({"timesteps": []}, r"timesteps must be a non-empty list of integers"),
+        ({"height": 0}, r"height must be a positive integer \(a multiple of 2\), got 0"),
+        ({"height": -32}, r"height must be a positive integer"),
+        ({"width": 32.0}, r"width must be a positive integer"),
+        ({"guidance_scale": -5}, r"guidance_scale must be a finite number >= 0 .*got -5"),
+        ({"guidance_scale": float("nan")}, r"guidance_scale must be a finite number >= 0 .*got nan"),
+        ({"guidance_scale": float("inf")}, r"guidance_scale must be a finite number"),
+        ({"guidance_rescale": float("nan")}, r"guidance_rescale .* must be in \[0, 1\]"),
+        ({"output_type": "bogus"}, r"output_type must be one of \('pil', 'np', 'pt', 'latent'\), got 'bogus'"),
+        ({"num_images_per_prompt": 0}, r"num_images_per_prompt must be a positive integer, got 0"),
+        ({"num_images_per_prompt": -1}, r"num_images_per_prompt must be a positive integer, got -1"),
+        ({"eta": -1.0}, r"eta .* must be a finite number >= 0"),
+        ({"latents": torch.full((1, 4, 16, 16), float("nan"))}, r"latents contain NaN or infinite values"),
+        ({"latents": torch.zeros(1, 4, 8, 8)}, r"latents have shape \(1, 4, 8, 8\), expected \(1, 4, 16, 16\)"),
+        ({"num_images_per_prompt": 2, "generator": [torch.Generator()]}, r"Got 1 generators for 2 images"),
+        ({"cross_attention_kwargs": {"scale": float("nan")}}, r"cross_attention_kwargs\['scale'\] .* finite number"),
+        ({"cross_attention_kwargs": "scale=1"}, r"cross_attention_kwargs must be a dict"),
+        ({"callback_on_step_end": "print"}, r"callback_on_step_end must be callable"),
+        ({"prompt_attention_mask": torch.ones(1, 3)}, r"Attention masks go with prompt_embeds"),
+        ({"negative_prompt_embeds": torch.zeros(1, 3, 32)}, r"negative_prompt_embeds go with prompt_embeds"),
+        ({"rerank": 0}, r"rerank must be a positive number"),
+    ],
+)
+def test_bad_input_is_refused_before_any_work(pipe, kwargs, message):
+    calls = []
+    for module in (pipe.text_encoder, pipe.transblock, pipe.unet, pipe.vae):
+        module.register_forward_hook(lambda *args: calls.append(1))
+    with pytest.raises(ValueError, match=message):
+        pipe(**{"prompt": "a cat", **STEPS, **kwargs})
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"prompt_embeds": torch.zeros(1, 3)}, r"prompt_embeds must be a \(batch, length, 32\) tensor .* got \(1, 3\)"),
+        ({"prompt_embeds": torch.zeros(1, 3, 48)}, r"cross_attention_dim 32\), got \(1, 3, 48\)"),
+        ({"prompt_embeds": torch.full((1, 3, 32), float("inf"))}, r"prompt_embeds contain NaN or infinite values"),
+        ({"prompt_embeds": torch.zeros(1, 3, 32), "prompt_attention_mask": torch.ones(1, 4)},
+         r"attention mask of prompt_embeds must have shape \(1, 3\), got \(1, 4\)"),
+        ({"prompt_embeds": torch.zeros(1, 3, 32), "negative_prompt": "blurry"}, r"negative_prompt is text"),
+        ({"prompt_embeds": torch.zeros(1, 3, 32), "negative_prompt_attention_mask": torch.ones(1, 3)},
+         r"negative_prompt_attention_mask goes with negative_prompt_embeds"),
+    ],
+)  # fmt: skip
+def test_bad_embeddings_are_refused(pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pipe(**kwargs, guidance_scale=1.0, **STEPS)
+
+
+def test_a_missing_local_folder_says_it_is_missing(tmp_path):
+    for path in (tmp_path / "nope", str(tmp_path / "nope"), "./paint-typo", "runs/paint/final"):
+        with pytest.raises(FileNotFoundError, match="does not exist|neither a local folder nor a Hub repo"):
+            VisCPMPaintPipeline.from_pretrained(path)
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        VisCPMPaintPipeline.from_pretrained(tmp_path / "weights.bin")
+
+
+# --- threads ---------------------------------------------------------------------------------------------------
+
+
+def run_in_threads(*calls, timeout=120):
+    results, errors = [None] * len(calls), []
+
+    def run(index, call):
+        try:
+            results[index] = call()
+        except BaseException as error:  # noqa: BLE001  (reported to the test below)
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i, call), daemon=True) for i, call in enumerate(calls)]
+    [thread.start() for thread in threads]
+    [thread.join(timeout=timeout) for thread in threads]
+    assert not any(thread.is_alive() for thread in threads), f"a thread did not finish within {timeout} s"
+    if errors:
+        raise errors[0]
+    return results
+
+
+def test_two_threads_with_their_own_scheduler_match_sequential_calls(pipe):
+    """The documented way: a pipeline per request via from_pipe (shared models) with a fresh scheduler."""
+    settings = [
+        {"prompt": "a cat", "guidance_scale": 6.0, "num_inference_steps": 3, "seed": 1},
+        {"prompt": "a red house", "guidance_scale": 1.0, "num_inference_steps": 5, "seed": 2},
+    ]
+    sequential = [image(pipe, **s) for s in settings]
+    together = threading.Barrier(2, timeout=60)  # both are inside the denoising loop at once
+
+    def request(setting):
+        worker = VisCPMPaintPipeline.from_pipe(pipe, scheduler=pipe.scheduler.from_config(pipe.scheduler.config))
+        assert worker.unet is pipe.unet and worker.scheduler is not pipe.scheduler
+
+        def meet(pipeline, step, timestep, tensors):
+            if step == 0:
+                together.wait()
+            return {}
+
+        return image(worker, **setting, callback_on_step_end=meet)
+
+    concurrent = run_in_threads(*(lambda s=s: request(s) for s in settings))
+    for alone, threaded in zip(sequential, concurrent):
+        np.testing.assert_allclose(threaded, alone, atol=1e-6)
+
+
+def test_a_second_call_on_a_busy_scheduler_is_refused_and_the_first_is_unharmed(pipe):
+    reference = image(pipe, num_inference_steps=4)
+    started, release = threading.Event(), threading.Event()
+
+    def hold(pipeline, step, timestep, tensors):
+        if step == 0:
+            started.set()
+            assert release.wait(timeout=60), "the main thread never released the first call"
+        return {}
+
+    def second():
+        assert started.wait(timeout=60), "the first call never started"
+        try:
+            with pytest.raises(RuntimeError, match="already denoising in another call.*from_pipe"):
+                image(pipe, guidance_scale=2.0, num_inference_steps=2)
+        finally:
+            release.set()
+
+    first, _ = run_in_threads(lambda: image(pipe, num_inference_steps=4, callback_on_step_end=hold), second)
+    np.testing.assert_array_equal(first, reference)
+
+    def fail(pipeline, step, timestep, tensors):
+        raise KeyError("stop")
+
+    with pytest.raises(KeyError):
+        image(pipe, callback_on_step_end=fail)
+    np.testing.assert_array_equal(image(pipe, num_inference_steps=4), reference)  # a failed call frees the scheduler
