@@ -13,7 +13,7 @@ from viscpm_hf import CpmBeeTokenizer, VisCPMChatForConditionalGeneration, VisCP
 from viscpm_hf.convert.chat import IMAGE_TOKEN_ID, chat_config_from_original, convert_chat, plan_conversion
 from viscpm_hf.convert.cli import main
 from viscpm_hf.models.cpmbee.prompt_cpmbee import collate_prompts, flatten_prompt
-from viscpm_hf.models.cpmbee.tokenization_cpmbee import escape_markup
+from viscpm_hf.models.cpmbee.markup_cpmbee import escape_markup
 
 
 CASES = ["e1_img0_en", "e2_img1_zh", "e3_img0_zh_multiturn"]

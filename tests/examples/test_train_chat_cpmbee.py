@@ -15,7 +15,7 @@ from parity import PARITY_DIR, json_file, tensors
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from viscpm_hf.models.cpmbee.tokenization_cpmbee import escape_markup
+from viscpm_hf.models.cpmbee.markup_cpmbee import escape_markup
 from viscpm_hf.mpm.data import conversation_dataset, split_assistant_turns
 from viscpm_hf.training.cpmbee import CpmBeeChatCollator, ModelLossSFTTrainer
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from parity import PARITY_DIR, json_file, tensors
 
+from viscpm_hf.models.cpmbee.markup_cpmbee import CpmBeeExtTable
 from viscpm_hf.models.cpmbee.prompt_cpmbee import (
     ANSWER_ID,
     BOS_ID,
@@ -21,7 +22,7 @@ from viscpm_hf.models.cpmbee.prompt_cpmbee import (
     prompt_segments,
     segment_relations,
 )
-from viscpm_hf.models.cpmbee.tokenization_cpmbee import CpmBeeExtTable, CpmBeeTokenizer
+from viscpm_hf.models.cpmbee.tokenization_cpmbee import CpmBeeTokenizer
 
 
 if not PARITY_DIR.is_dir():

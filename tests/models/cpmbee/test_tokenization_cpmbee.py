@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from parity import PARITY_DIR, json_file
 
-from viscpm_hf.models.cpmbee.tokenization_cpmbee import CpmBeeExtTable, CpmBeeTokenizer, escape_markup, unescape_markup
+from viscpm_hf.models.cpmbee.markup_cpmbee import CpmBeeExtTable, escape_markup, unescape_markup
+from viscpm_hf.models.cpmbee.tokenization_cpmbee import CpmBeeTokenizer
 
 
 if not PARITY_DIR.is_dir():

@@ -7,6 +7,8 @@ from .modeling_cpmbee import CpmBeeForCausalLM, CpmBeeModel, CpmBeePreTrainedMod
 from .tokenization_cpmbee import CpmBeeTokenizer
 
 
+__all__ = ["CpmBeeConfig", "CpmBeeForCausalLM", "CpmBeeModel", "CpmBeePreTrainedModel", "CpmBeeTokenizer"]
+
 AutoConfig.register(CpmBeeConfig.model_type, CpmBeeConfig, exist_ok=True)
 AutoModel.register(CpmBeeConfig, CpmBeeModel, exist_ok=True)
 AutoModelForCausalLM.register(CpmBeeConfig, CpmBeeForCausalLM, exist_ok=True)

@@ -22,10 +22,15 @@ Strings in the dict are markup (see `tokenization_cpmbee.py`): a literal `<` mus
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
+from typing import TYPE_CHECKING
 
 import torch
 
-from .tokenization_cpmbee import CpmBeeExtTable, CpmBeeTokenizer, escape_markup
+from .markup_cpmbee import CpmBeeExtTable, escape_markup
+
+
+if TYPE_CHECKING:
+    from .tokenization_cpmbee import CpmBeeTokenizer
 
 
 ANSWER_KEY = "<ans>"
@@ -176,7 +181,7 @@ def segment_relations(segments: Sequence[PromptSegment]) -> list[int]:
 
 
 def _flatten(
-    tokenizer: CpmBeeTokenizer, data: dict, keep_predicted: bool, max_length: int | None
+    tokenizer: "CpmBeeTokenizer", data: dict, keep_predicted: bool, max_length: int | None
 ) -> tuple[CpmBeePrompt, list[PromptSegment]]:
     segments = prompt_segments(data)
     ext_table = CpmBeeExtTable()
@@ -207,7 +212,7 @@ def _flatten(
     return prompt, segments
 
 
-def flatten_prompt(tokenizer: CpmBeeTokenizer, data: dict, max_length: int | None = None) -> CpmBeePrompt:
+def flatten_prompt(tokenizer: "CpmBeeTokenizer", data: dict, max_length: int | None = None) -> CpmBeePrompt:
     """Flattens a prompt dict as is: the layout of training, where answers are filled in.
 
     Raises `ValueError` for invalid markup, and when the prompt is longer than `max_length` tokens.
@@ -216,7 +221,7 @@ def flatten_prompt(tokenizer: CpmBeeTokenizer, data: dict, max_length: int | Non
 
 
 def flatten_prompt_for_generation(
-    tokenizer: CpmBeeTokenizer, data: dict, max_length: int | None = None
+    tokenizer: "CpmBeeTokenizer", data: dict, max_length: int | None = None
 ) -> CpmBeeGenerationPrompt:
     """Flattens a prompt whose `<ans>` leaves are empty, stopping where the answer starts.
 
@@ -262,7 +267,7 @@ def _with_answer_placeholders(data: dict) -> tuple[dict, list[list[str]]]:
     return {**data, ANSWER_KEY: fill(data[ANSWER_KEY], [])}, paths
 
 
-def collate_prompts(tokenizer: CpmBeeTokenizer, prompts: Sequence[CpmBeePrompt], max_length: int) -> CpmBeeBatch:
+def collate_prompts(tokenizer: "CpmBeeTokenizer", prompts: Sequence[CpmBeePrompt], max_length: int) -> CpmBeeBatch:
     """Right-pads flattened prompts to `max_length` and sets next-token targets on their predicted tokens.
 
     A predicted position's target is the next token (`</s>` where a new segment starts, and after the last token);
@@ -302,7 +307,7 @@ def collate_prompts(tokenizer: CpmBeeTokenizer, prompts: Sequence[CpmBeePrompt],
     )
 
 
-def _targets(tokenizer: CpmBeeTokenizer, prompt: CpmBeePrompt, columns: dict[tuple[int, int], int]) -> list[int]:
+def _targets(tokenizer: "CpmBeeTokenizer", prompt: CpmBeePrompt, columns: dict[tuple[int, int], int]) -> list[int]:
     targets = [IGNORE_INDEX] * len(prompt)
     for position, is_context in enumerate(prompt.context):
         if is_context:
@@ -321,7 +326,7 @@ def _targets(tokenizer: CpmBeeTokenizer, prompt: CpmBeePrompt, columns: dict[tup
 
 
 def paint_prompts(
-    tokenizer: CpmBeeTokenizer, prompt: str, negative_prompt: str | None = None
+    tokenizer: "CpmBeeTokenizer", prompt: str, negative_prompt: str | None = None
 ) -> tuple[CpmBeeBatch, CpmBeeBatch]:
     """Conditional and unconditional CPM-Bee inputs of VisCPM-Paint, right-padded with `<pad>` to a common length.
 
@@ -348,7 +353,7 @@ def viscpm_chat_template() -> str:
     return resources.files(__package__).joinpath("chat_template.jinja").read_text(encoding="utf-8")
 
 
-def model_prompt(tokenizer: CpmBeeTokenizer, data: dict, max_length: int | None = None) -> CpmBeeModelPrompt:
+def model_prompt(tokenizer: "CpmBeeTokenizer", data: dict, max_length: int | None = None) -> CpmBeeModelPrompt:
     """A prompt dict in the layout of `CpmBeeForCausalLM`'s transformers interface.
 
     With an empty `<ans>` the sequence ends with the answer's `<s>` (context 0): its logits give the first answer

@@ -12,6 +12,16 @@ from .modeling_viscpm_chat import (
 from .processing_viscpm_chat import VisCPMChatProcessor, paper_image_processor
 
 
+__all__ = [
+    "VisCPMChatConfig",
+    "VisCPMChatForConditionalGeneration",
+    "VisCPMChatHistory",
+    "VisCPMChatModel",
+    "VisCPMChatPreTrainedModel",
+    "VisCPMChatProcessor",
+    "paper_image_processor",
+]
+
 AutoConfig.register(VisCPMChatConfig.model_type, VisCPMChatConfig, exist_ok=True)
 AutoModel.register(VisCPMChatConfig, VisCPMChatModel, exist_ok=True)
 AutoModelForImageTextToText.register(VisCPMChatConfig, VisCPMChatForConditionalGeneration, exist_ok=True)
