@@ -185,6 +185,30 @@ def test_the_pipeline_loads_the_folder_and_samples_as_the_original(converted):
     torch.testing.assert_close(torch.from_numpy(image), stored["cat_zh_noneg.image_float"], rtol=0, atol=1e-5)
 
 
+def test_folders_converted_before_the_caption_format_encode_the_same(converted, tmp_path):
+    """Earlier conversions saved the tokenizer in its plain-text format and without a limit; the pipeline asks it for
+    its caption format, so the old folder conditions the UNet exactly as a new one, and saving it writes the format."""
+    config_path = converted / "tokenizer" / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    assert (config["prompt_format"], config["model_max_length"]) == ("caption", 3000)
+    old = tmp_path / "old"
+    shutil.copytree(converted, old)
+    config.update(prompt_format="text", model_max_length=int(1e30))  # what the converter wrote before
+    (old / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(config))
+    assert CpmBeeTokenizer.from_pretrained(old / "tokenizer").prompt_format == "text"
+    new_pipe, old_pipe = VisCPMPaintPipeline.from_pretrained(converted), VisCPMPaintPipeline.from_pretrained(old)
+    assert old_pipe.tokenizer.prompt_format == "caption"
+    assert old_pipe.max_prompt_length == new_pipe.max_prompt_length == 3000
+    for name in ("ink_long_neg", "ext_oov"):
+        case = json_file("paint.json")["cases"][name]
+        arguments = (case["prompt"], "cpu", 1, True, case["negative_prompt"])
+        for new, before in zip(new_pipe.encode_prompt(*arguments), old_pipe.encode_prompt(*arguments)):
+            assert torch.equal(new, before), name
+    old_pipe.save_pretrained(tmp_path / "saved_again")
+    saved = json.loads((tmp_path / "saved_again" / "tokenizer" / "tokenizer_config.json").read_text())
+    assert saved["prompt_format"] == "caption"
+
+
 class RealKeyLayout:
     """The released paint checkpoint's names and shapes (no tensors): llm.* and trans_block.* from the parity data,
     unet.* from SD-2.1-base's UNet."""

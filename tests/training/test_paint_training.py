@@ -4,6 +4,7 @@ import json
 import logging
 import random
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -239,3 +240,13 @@ def test_caption_encoder_builds_cpmbee_prompts_as_the_pipeline(pipe):
         embeds, _, mask, _ = bee.encode_prompt(caption, do_classifier_free_guidance=False)
         assert caption_states.shape[0] == mask.shape[1] == int(mask.sum())
         torch.testing.assert_close(bee.transblock(caption_states)[None], embeds, atol=1e-5, rtol=1e-5)
+    assert encoder.max_length == 3000  # the caption limit: CPM-Bee's relative positions set none
+
+
+def test_paint_training_knows_no_tokenizer_by_name_and_only_the_pipelines_public_api():
+    """Captions reach the text encoder through `VisCPMPaintPipeline.encode_text`, whatever the tokenizer."""
+    import viscpm_hf.training.paint as paint_training
+
+    source = Path(paint_training.__file__).read_text(encoding="utf-8")
+    assert not [word for word in ("cpmbee", "prompt_format") if word in source.lower()]
+    assert "pipeline._" not in source

@@ -5,7 +5,8 @@ UNet under diffusers names) and `trans_block.*` (LLM width -> cross-attention wi
 SD-2.1-base's, read from a local diffusers `vae/` folder. Every tensor is streamed into the safetensors shards of
 its component. The sizes of the text encoder and the UNet are read from the tensors' shapes (the VAE's are checked
 against its config.json); names and shapes are checked against the components built on the meta device before
-anything is written, and the folder appears only once complete.
+anything is written, and the folder appears only once complete. The tokenizer is saved in its caption format (the
+original's `{'caption': prompt, 'objects': ''}` prompts), with the caption limit as its model_max_length.
 """
 
 import json
@@ -21,6 +22,7 @@ from torch import nn
 from ..models.cpmbee import CpmBeeModel, CpmBeeTokenizer
 from ..models.cpmbee.configuration_cpmbee import CpmBeeConfig
 from ..models.cpmbee.convert_cpmbee import convert_cpmbee_key, cpmbee_config_from_original
+from ..models.cpmbee.prompt_cpmbee import MAX_CAPTION_TOKENS
 from ..pipelines.viscpm_paint.transblock import VisCPMTransBlock
 from .chat import CPMBEE_10B, check_vocabulary
 from .checkpoint import (
@@ -300,7 +302,9 @@ def convert_paint(
     )
     check_floating(original, [key for pairs in plan.values() for key, _ in pairs])
     check_floating(vae_source, [key for key, _ in vae_plan["vae"]])
-    tokenizer = CpmBeeTokenizer(vocab_file=str(vocab))
+    # The caption format builds the original's prompts. Its limit is written out: the text encoder, with relative
+    # positions only, has none of its own.
+    tokenizer = CpmBeeTokenizer(vocab_file=str(vocab), prompt_format="caption", model_max_length=MAX_CAPTION_TOKENS)
     check_vocabulary(tokenizer, vocab, text_config.vocab_size, checkpoint)
     max_shard_bytes = parse_size(max_shard_size)
     sources = {"text_encoder": original, "transblock": original, "unet": original, "vae": vae_source}

@@ -298,20 +298,18 @@ def pad_text_states(
 
 class CaptionEncoder:
     """Captions -> the frozen LLM's final hidden states, one `(tokens, hidden)` tensor per caption holding its own
-    tokens only: what `VisCPMPaintPipeline.encode_prompt` feeds the transblock (the pipeline's tokenization, so CPM-Bee
-    prompts are built as the original builds them). Captions longer than `max_length` (default: the pipeline's
-    `max_prompt_length`) are truncated as the pipeline truncates prompts, with a warning."""
+    tokens only: what `VisCPMPaintPipeline.encode_prompt` feeds the transblock (its `encode_text`, so prompts are built
+    as the pipeline builds them). Captions longer than `max_length` (default: the pipeline's `max_prompt_length`) are
+    truncated as the pipeline truncates prompts, with a warning."""
 
     def __init__(self, pipeline: VisCPMPaintPipeline, max_length: int | None = None):
         self.pipeline, self.tokenizer, self.text_encoder = pipeline, pipeline.tokenizer, pipeline.text_encoder
         self.max_length = max_length or pipeline.max_prompt_length
 
-    @torch.no_grad()
     def __call__(self, captions: Sequence[str]) -> list[torch.Tensor]:
-        inputs, mask = self.pipeline._text_inputs(list(captions), None, self.max_length)
         device = self.text_encoder.device
-        hidden = self.text_encoder(**{k: v.to(device) for k, v in inputs.items()}).last_hidden_state
-        keep = mask.to(device).bool()
+        hidden, mask = self.pipeline.encode_text(list(captions), device=device, max_length=self.max_length)
+        keep = mask.bool()
         return [hidden[row][keep[row]] for row in range(hidden.shape[0])]
 
     def fingerprint(self) -> str:

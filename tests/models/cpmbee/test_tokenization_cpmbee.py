@@ -198,3 +198,90 @@ def test_a_prompts_ext_strings_travel_with_it_not_with_the_tokenizer():
     assert tokenizer.decode([ext_id], ext_table=first_table) == "𝔸"
     assert tokenizer.decode([ext_id]) == "<unk>"  # without its table, never the other request's string
     assert tokenizer.batch_decode([[ext_id], [ext_id]], ext_tables=[first_table, None]) == ["𝔸", "<unk>"]
+
+
+# --- The caption format: VisCPM-Paint's prompts -------------------------------------------------------------------
+
+PAINT_CASES = json_file("paint.json")["cases"]
+CAPTION_PROMPT = "a watercolor painting of a lighthouse at dawn, with gulls over the waves"
+
+
+@pytest.fixture(scope="module")
+def caption_tokenizer():
+    return CpmBeeTokenizer(VOCAB_FILE, prompt_format="caption")
+
+
+@pytest.mark.parametrize("name", sorted(PAINT_CASES))
+def test_captions_are_the_originals_paint_inputs(caption_tokenizer, name):
+    """A prompt and its negative in one call: the inputs the original's text encoder got, padded to the longer."""
+    import torch
+
+    from viscpm_hf.models.cpmbee.prompt_cpmbee import paint_prompts
+
+    case = PAINT_CASES[name]
+    encoding = caption_tokenizer([case["prompt"], case["negative_prompt"] or ""], return_tensors="pt")
+    assert encoding["input_ids"].shape == (2, case["padded_len"])
+    for row, batch in enumerate(paint_prompts(caption_tokenizer, case["prompt"], case["negative_prompt"])):
+        expected = batch.model_inputs()
+        for key in caption_tokenizer.model_input_names:
+            assert torch.equal(encoding[key][row], expected[key][0]), key
+    assert set(encoding) == {*caption_tokenizer.model_input_names, "conditioning_mask"}
+
+
+def test_the_caption_structure_is_what_add_special_tokens_adds(caption_tokenizer):
+    """[6,8,7] [6,83680,7300,7] [6, caption.., 7] [6,83350,7] [6,7]: 14 tokens around the caption's own."""
+    own = caption_tokenizer("a < b", add_special_tokens=False)["input_ids"]
+    assert own == [78, 68011, 42473]  # plain text: `<` is a character
+    assert caption_tokenizer.num_special_tokens_to_add() == 14
+    (ids,) = caption_tokenizer(["a < b"])["input_ids"]
+    assert ids == [6, 8, 7, 6, 83680, 7300, 7, 6, *own, 7, 6, 83350, 7, 6, 7]
+    assert caption_tokenizer.model_max_length == 3000  # no limit given: the caption limit
+
+
+def test_captions_are_right_padded_with_pad_rows_that_condition(caption_tokenizer):
+    encoding = caption_tokenizer(["a cat", CAPTION_PROMPT], return_tensors="pt")
+    short = int(encoding["attention_mask"][0].sum())
+    assert short == 16 and encoding["attention_mask"][1].all()
+    assert encoding["input_ids"][0, short:].eq(caption_tokenizer.pad_token_id).all()
+    assert not encoding["context"][0, short:].any() and encoding["num_segments"][0, short:].eq(0).all()
+    assert encoding["conditioning_mask"].all()  # the original's UNet sees the <pad> rows too
+    padded = caption_tokenizer(["a cat"], padding="max_length", max_length=40, return_tensors="pt")
+    assert padded["input_ids"].shape == (1, 40) and int(padded["attention_mask"].sum()) == 16
+    with pytest.raises(ValueError, match="right-padded"):
+        caption_tokenizer(["a cat"], padding_side="left")
+
+
+def test_truncation_drops_caption_tokens_and_counts_as_for_any_tokenizer(caption_tokenizer):
+    (full,) = caption_tokenizer([CAPTION_PROMPT])["input_ids"]
+    cut = caption_tokenizer([CAPTION_PROMPT], truncation=True, max_length=20)
+    assert len(cut["input_ids"][0]) == 20
+    # The caption loses its end; its </s> and the segments after it stay.
+    assert cut["input_ids"][0] == full[:14] + full[-6:]
+    assert cut["segment_ids"][0][-6:] == caption_tokenizer([CAPTION_PROMPT])["segment_ids"][0][-6:]
+    own = caption_tokenizer([CAPTION_PROMPT], add_special_tokens=False)["input_ids"][0]
+    kept = sum(cut["attention_mask"][0])
+    assert len(own) + caption_tokenizer.num_special_tokens_to_add() - kept == len(full) - 20
+    with pytest.raises(ValueError, match="needs 14 tokens without any caption, more than max_length=10"):
+        caption_tokenizer(["a cat"], truncation=True, max_length=10)
+
+
+def test_a_20000_character_prompt_and_negative_stay_bounded(caption_tokenizer):
+    text = ("一只可爱的猫 a lighthouse at dawn 🐱 " * 1000)[:20000]
+    encoding = caption_tokenizer([text, text[::-1]], truncation=True, return_tensors="pt")
+    assert encoding["input_ids"].shape == (2, 3000)
+    assert encoding["input_ids"][:, -6:].tolist() == [[7, 6, 83350, 7, 6, 7]] * 2
+    own = caption_tokenizer([text, text[::-1]], add_special_tokens=False, verbose=False)["input_ids"]
+    assert min(len(ids) for ids in own) > 3000  # both were cut
+    limited = CpmBeeTokenizer(VOCAB_FILE, prompt_format="caption", model_max_length=512)
+    assert limited([text], truncation=True, return_tensors="pt")["input_ids"].shape == (1, 512)
+
+
+def test_the_caption_format_is_saved_and_asked_for(bee_tokenizer, caption_tokenizer, tmp_path):
+    caption_tokenizer.save_pretrained(tmp_path)
+    reloaded = CpmBeeTokenizer.from_pretrained(tmp_path)
+    assert (reloaded.prompt_format, reloaded.model_max_length) == ("caption", 3000)
+    captions = bee_tokenizer.with_caption_format()
+    assert captions is not bee_tokenizer and captions.with_caption_format() is captions
+    assert bee_tokenizer.prompt_format == "text" and bee_tokenizer("a cat")["input_ids"] == [78, 39651]
+    assert captions(["a cat"]) == caption_tokenizer(["a cat"])
+    assert captions.model_max_length == 3000

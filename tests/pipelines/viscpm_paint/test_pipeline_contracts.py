@@ -3,6 +3,7 @@ text encoder, float32 transblock, strict input checks, and threads."""
 
 import logging
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,6 +119,8 @@ def test_the_tokenizers_own_limit_counts_when_it_is_lower(pipe, caplog):
 
 
 def cpmbee_pipeline(pipe, max_position_embeddings=None):
+    """The tiny pipeline with a CPM-Bee text encoder; its tokenizer is given in the plain-text format, as Paint folders
+    converted before the caption format saved it."""
     from parity import PARITY_DIR, require_parity
 
     from viscpm_hf import CpmBeeConfig, CpmBeeModel, CpmBeeTokenizer
@@ -133,20 +136,78 @@ def cpmbee_pipeline(pipe, max_position_embeddings=None):
 def test_cpmbee_prompts_keep_their_structure_and_lose_caption_tokens_only(pipe, caplog):
     prompt = "a watercolor painting of a lighthouse at dawn, with gulls over the waves " * 3
     unlimited = cpmbee_pipeline(pipe)
-    assert unlimited.max_prompt_length is None  # relative positions: as the original, no truncation
-    full_inputs, _ = unlimited._text_inputs([prompt])
-    full = full_inputs["input_ids"][0].tolist()
-    assert len(full) > 40
+    assert unlimited.tokenizer.prompt_format == "caption"  # asked for by the pipeline
+    assert unlimited.max_prompt_length == 3000  # the caption limit: the encoder's relative positions set none
     limited = cpmbee_pipeline(pipe, max_position_embeddings=40)
+    full = limited.tokenizer([prompt])["input_ids"][0]
+    assert len(full) > 40
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        inputs, mask = limited._text_inputs([prompt])
         embeds, *_ = limited.encode_prompt(prompt, do_classifier_free_guidance=False)
-    kept = inputs["input_ids"][0].tolist()
-    assert len(kept) == mask.shape[1] == embeds.shape[1] == 40
-    assert f"{len(full) - 40} tokens were dropped" in caplog.text
-    # The caption segment's start and every segment after it stay: [..., </s>, <s> objects </s>, <s> </s>].
-    assert kept[:-6] == full[: 40 - 6] and kept[-6:] == full[-6:]
-    assert inputs["segment_ids"][0].tolist()[-6:] == full_inputs["segment_ids"][0].tolist()[-6:]
+    assert embeds.shape[1] == 40
+    assert f"{len(full) - 40} tokens were dropped from its end: ' with gulls over the waves a watercolor" in caplog.text
+    # What the text encoder read: the tokenizer's truncated caption prompt, whose structure stays.
+    hidden, mask = limited.encode_text([prompt], device="cpu")
+    inputs = limited.tokenizer([prompt], truncation=True, max_length=40, return_tensors="pt")
+    assert inputs["input_ids"][0, -6:].tolist() == full[-6:]  # </s> of the caption, then the 'objects' segments
+    expected = limited.text_encoder(**{k: inputs[k] for k in limited.tokenizer.model_input_names}).last_hidden_state
+    torch.testing.assert_close(hidden, expected)
+    assert mask.tolist() == [[1] * 40]
+
+
+def test_cpmbee_pairs_condition_on_their_pad_rows_and_a_batch_equals_its_items(pipe):
+    """As the original: a prompt and its negative are padded with <pad> to the longer of the two, and the UNet sees
+    those rows; padding a batch adds beyond that is hidden, so each item conditions as it does alone."""
+    bee = cpmbee_pipeline(pipe)
+    prompts, negatives = ["a cat", "a much longer prompt about a small house by the sea"], ["blurry, dark", ""]
+    embeds, negative, mask, negative_mask = bee.encode_prompt(prompts, "cpu", 1, True, negatives)
+    for index in range(2):
+        alone, alone_negative, alone_mask, alone_negative_mask = bee.encode_prompt(
+            prompts[index], "cpu", 1, True, negatives[index]
+        )
+        length = alone.shape[1]
+        assert bool(alone_mask.all()) and bool(alone_negative_mask.all())  # every padded row reaches the UNet
+        assert mask[index].tolist() == negative_mask[index].tolist() == [1] * length + [0] * (mask.shape[1] - length)
+        torch.testing.assert_close(embeds[index, :length], alone[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(negative[index, :length], alone_negative[0], atol=1e-5, rtol=1e-5)
+
+
+def test_a_tokenizer_without_conditioning_mask_keeps_its_attention_mask(pipe):
+    """Generic tokenizers (BERT, e5, CLIP): padding never conditions, with or without negative prompts."""
+    prompts, negatives = ["a cat", "a much longer prompt"], ["", "blurry"]
+    expected = pipe.tokenizer(prompts + negatives, padding=True, return_tensors="pt")
+    assert "conditioning_mask" not in expected
+    _, mask = pipe.encode_text(prompts, negatives, device="cpu")
+    assert torch.equal(mask, expected["attention_mask"])
+    _, mask = pipe.encode_text(prompts, device="cpu")
+    assert torch.equal(mask, expected["attention_mask"][:2, : mask.shape[1]])
+
+
+def test_a_20000_character_prompt_reaches_the_text_encoder_bounded(pipe, caplog):
+    class Stop(Exception):
+        pass
+
+    def stop(module, args, kwargs):
+        shapes.append(tuple(kwargs["input_ids"].shape))
+        raise Stop
+
+    shapes = []
+    bee = cpmbee_pipeline(pipe)
+    bee.text_encoder.register_forward_pre_hook(stop, with_kwargs=True)
+    text = ("一只可爱的猫 a lighthouse at dawn 🐱 " * 1000)[:20000]
+    with caplog.at_level(logging.WARNING, logger=LOGGER), pytest.raises(Stop):
+        bee.encode_prompt(text, "cpu", 1, True, text[::-1])
+    assert shapes == [(2, 3000)]
+    assert caplog.text.count("is longer than the 3000 tokens the text encoder reads") == 2
+
+
+def test_the_pipeline_knows_no_tokenizer_by_name():
+    """What CPM-Bee's prompts need lives with CPM-Bee: the pipeline only calls its tokenizer."""
+    from viscpm_hf import pipelines
+
+    for path in Path(pipelines.__file__).parent.rglob("*.py"):
+        source = path.read_text(encoding="utf-8")
+        found = sorted({word for word in ("cpmbee", "prompt_format") if word in source.lower()})
+        assert not found, f"{path} names {found}"
 
 
 # --- optional text encoder and tokenizer -------------------------------------------------------------------

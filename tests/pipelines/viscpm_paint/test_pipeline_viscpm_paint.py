@@ -141,7 +141,7 @@ def test_caption_anchors_draw_an_unseen_prompt_as_its_nearest_caption(tmp_path):
     after, unconditional_after, _, _ = pipe.encode_prompt(captions + ["a cat!"], negative_prompt=None)
     torch.testing.assert_close(after[:4], before[:4], atol=1e-4, rtol=0)  # known captions stay themselves
     torch.testing.assert_close(unconditional_after, unconditional, atol=1e-4, rtol=0)  # so does ""
-    states, mask = pipe._text_states(["a cat!"], None, "cpu")
+    states, mask = pipe.encode_text(["a cat!"], device="cpu")
     sentence = (states * mask[..., None]).sum(1) / mask.sum()
     nearest = (sentence - pipe.transblock.anchors[:4]).norm(dim=1).argmin()  # the anchors keep the captions' order
     torch.testing.assert_close(after[4], before[nearest], atol=1e-4, rtol=0)  # the unseen prompt takes its nearest

@@ -11,6 +11,7 @@ Three layouts are built here, each as the original VisCPM builds it:
 - `flatten_prompt_for_generation`: empty answers become placeholders `<ans_1>`, ... and predicted tokens are left
   out, so the prompt ends where generation starts;
 - `collate_prompts` / `paint_prompts`: right-padded batches with next-token targets (training and VisCPM-Paint);
+- `caption_prompt` / `truncate_caption`: VisCPM-Paint's caption prompt, and how an over-long one is cut;
 - `model_prompt` / `pad_model_prompts`: the layout transformers models read, where the sequence runs on into the
   answer (its `<s>` when generating, the whole answer and `</s>` when training) and labels shift inside the model;
 - `flat_prompt_structure`: the structural inputs of such a generation prompt recovered from its ids alone, for
@@ -20,7 +21,7 @@ Strings in the dict are markup (see `tokenization_cpmbee.py`): a literal `<` mus
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import TYPE_CHECKING
 
@@ -325,15 +326,60 @@ def _targets(tokenizer: "CpmBeeTokenizer", prompt: CpmBeePrompt, columns: dict[t
     return targets
 
 
+# VisCPM-Paint reads a text as the caption of `{'caption': text, 'objects': ''}`, whose segments are the root, the key
+# 'caption', then the caption itself.
+CAPTION_SEGMENT = 2
+# The original set no limit on a caption. It read at most 3000 prompt tokens with this LLM (VisCPM-Chat's
+# `max_inp_length`): the bound here, since the text encoder's attention grows with the square of the length.
+MAX_CAPTION_TOKENS = 3000
+
+
+def caption_prompt(tokenizer: "CpmBeeTokenizer", text: str) -> CpmBeePrompt:
+    """Plain text in the original's caption prompt; a `<` in it is just a character (the original raised)."""
+    return flatten_prompt(tokenizer, {"caption": escape_markup(text), "objects": ""})
+
+
+def caption_template(tokenizer: "CpmBeeTokenizer") -> tuple[list[int], list[int]]:
+    """The ids a caption prompt adds before and after the caption's own tokens."""
+    empty = caption_prompt(tokenizer, "")
+    start = empty.segment_ids.index(CAPTION_SEGMENT) + 1  # after the caption's <s>
+    return empty.input_ids[:start], empty.input_ids[start:]
+
+
+def truncate_caption(prompt: CpmBeePrompt, max_length: int) -> CpmBeePrompt:
+    """Drops the caption's last tokens (not its `</s>`) until the caption prompt has `max_length` tokens; every other
+    segment stays, so the text encoder still reads the structure the original built."""
+    excess = len(prompt) - max_length
+    if excess <= 0:
+        return prompt
+    caption = [i for i, segment in enumerate(prompt.segment_ids) if segment == CAPTION_SEGMENT][1:-1]
+    if excess > len(caption):
+        raise ValueError(
+            f"A caption prompt needs {len(prompt) - len(caption)} tokens without any caption, more than "
+            f"max_length={max_length}: raise max_length (a pipeline's max_prompt_length is the smaller of the "
+            "tokenizer's model_max_length and the text encoder's max_position_embeddings)."
+        )
+    drop = set(caption[len(caption) - excess :])
+
+    def keep(values: list[int]) -> list[int]:
+        return [value for position, value in enumerate(values) if position not in drop]
+
+    return replace(
+        prompt,
+        input_ids=keep(prompt.input_ids),
+        input_id_subs=keep(prompt.input_id_subs),
+        context=keep(prompt.context),
+        segment_ids=keep(prompt.segment_ids),
+    )
+
+
 def paint_prompts(
     tokenizer: "CpmBeeTokenizer", prompt: str, negative_prompt: str | None = None
 ) -> tuple[CpmBeeBatch, CpmBeeBatch]:
-    """Conditional and unconditional CPM-Bee inputs of VisCPM-Paint, right-padded with `<pad>` to a common length.
-
-    The texts are plain text, escaped here: a `<` in a prompt is just a character (the original raised).
-    """
-    cond = flatten_prompt(tokenizer, {"caption": escape_markup(prompt), "objects": ""})
-    uncond = flatten_prompt(tokenizer, {"caption": escape_markup(negative_prompt or ""), "objects": ""})
+    """Conditional and unconditional CPM-Bee inputs of VisCPM-Paint, right-padded with `<pad>` to a common length,
+    as the original builds them (`None` and `""` are the same negative prompt)."""
+    cond = caption_prompt(tokenizer, prompt)
+    uncond = caption_prompt(tokenizer, negative_prompt or "")
     length = max(len(cond), len(uncond))
     return collate_prompts(tokenizer, [cond], length), collate_prompts(tokenizer, [uncond], length)
 
@@ -487,6 +533,8 @@ __all__ = [
     "CpmBeeModelPrompt",
     "CpmBeeGenerationPrompt",
     "CpmBeePrompt",
+    "caption_prompt",
+    "caption_template",
     "collate_prompts",
     "flat_prompt_structure",
     "flatten_prompt",
@@ -494,5 +542,6 @@ __all__ = [
     "model_prompt",
     "pad_model_prompts",
     "paint_prompts",
+    "truncate_caption",
     "viscpm_chat_template",
 ]

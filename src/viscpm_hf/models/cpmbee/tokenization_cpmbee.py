@@ -17,6 +17,7 @@ The transformers API (`tokenizer(text)`, `encode`, `decode`, `tokenize`) reads p
 remembers, so `decode` can map them back.
 """
 
+import copy
 import json
 import os
 from functools import cached_property
@@ -24,6 +25,7 @@ from typing import Literal
 
 from tokenizers import AddedToken, Tokenizer, decoders, models
 from transformers import BatchEncoding, PreTrainedTokenizer
+from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 from .markup_cpmbee import (
     ESCAPE_HINT,
@@ -35,7 +37,15 @@ from .markup_cpmbee import (
     load_vocab,
     split_markup,
 )
-from .prompt_cpmbee import model_prompt, pad_model_prompts
+from .prompt_cpmbee import (
+    MAX_CAPTION_TOKENS,
+    caption_prompt,
+    caption_template,
+    collate_prompts,
+    model_prompt,
+    pad_model_prompts,
+    truncate_caption,
+)
 
 
 VOCAB_FILES_NAMES = {"vocab_file": "vocab.txt"}
@@ -57,6 +67,8 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
             The strings behind a prompt's ext ids travel with the prompt, not with the tokenizer: get them with
             `output_ext_tables(prompts)` and pass one to `decode(..., ext_table=...)`; without it an ext id reads
             `<unk>`, so one request's text never shows up in another's answer.
+            `"caption"` makes `tokenizer(texts)` put each plain text in VisCPM-Paint's caption prompt (see
+            `encode_captions`); its `model_max_length` defaults to 3000 tokens, so that no caption is unbounded.
     """
 
     vocab_files_names = VOCAB_FILES_NAMES
@@ -72,11 +84,11 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
         mask_token: str = "<mask>",
         sep_token: str = "<sep>",
         split_special_tokens: bool = True,
-        prompt_format: Literal["text", "structured"] = "text",
+        prompt_format: Literal["text", "structured", "caption"] = "text",
         **kwargs,
     ):
-        if prompt_format not in ("text", "structured"):
-            raise ValueError(f"prompt_format must be 'text' or 'structured', got {prompt_format!r}.")
+        if prompt_format not in ("text", "structured", "caption"):
+            raise ValueError(f"prompt_format must be 'text', 'structured' or 'caption', got {prompt_format!r}.")
         self.prompt_format = prompt_format
         self._tokens = load_vocab(vocab_file)
         self._ids = {token: index for index, token in enumerate(self._tokens)}
@@ -105,6 +117,8 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
             prompt_format=prompt_format,
             **kwargs,
         )
+        if prompt_format == "caption":
+            self._use_caption_format()
 
     @property
     def vocab_size(self) -> int:
@@ -223,12 +237,16 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
             )
         return self._ids[base]
 
-    # Structured prompts (prompt_format="structured").
+    # Structured and caption prompts (prompt_format="structured" or "caption").
 
     def __call__(self, text=None, *args, **kwargs) -> BatchEncoding:
-        if self.prompt_format != "structured" or text is None:
+        if self.prompt_format == "text" or text is None:
             return super().__call__(text, *args, **kwargs)
-        return self.encode_structured(text, **kwargs)
+        if self.prompt_format == "structured":
+            return self.encode_structured(text, **kwargs)
+        if not kwargs.get("add_special_tokens", True):  # the captions' own tokens, without the prompt around them
+            return super().__call__(text, *args, **kwargs)
+        return self.encode_captions(text, **kwargs)
 
     def encode_structured(
         self,
@@ -268,6 +286,60 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
                     ) from error
             built.append(model_prompt(self, row, max_length=max_length))
         return built
+
+    def encode_captions(
+        self,
+        texts: str | list[str],
+        padding: bool | str = True,
+        truncation: bool | str | None = None,
+        max_length: int | None = None,
+        padding_side: str | None = None,
+        return_tensors: str | None = None,
+        **unused,
+    ) -> BatchEncoding:
+        """Plain texts -> the text encoder's inputs for the original VisCPM-Paint prompts `{'caption': text, 'objects':
+        ''}`, right-padded with `<pad>` to the longest (to `max_length` with `padding="max_length"`).
+
+        With `truncation`, a prompt longer than `max_length` (default `model_max_length`) loses caption tokens from its
+        end and keeps its structure. That structure is what `add_special_tokens` adds around a text, so
+        `tokenizer(texts, add_special_tokens=False)` and `num_special_tokens_to_add()` tell how many tokens were
+        dropped, as for any tokenizer. Besides the model inputs, `conditioning_mask` is 1 at every position, padding
+        included: the original conditions its UNet on the text encoder's states of the `<pad>` rows too, each prompt
+        and its negative padded to the longer of the two.
+        """
+        if padding_side not in (None, "right"):
+            raise ValueError(f"Caption prompts are right-padded, as the original pads them, not {padding_side!r}.")
+        prompts = [caption_prompt(self, text) for text in ([texts] if isinstance(texts, str) else texts)]
+        if truncation not in (None, False, "do_not_truncate"):
+            prompts = [truncate_caption(prompt, max_length or self.model_max_length) for prompt in prompts]
+        width = max(len(prompt) for prompt in prompts)
+        if padding == "max_length" and max_length is not None:
+            width = max(width, max_length)
+        inputs = collate_prompts(self, prompts, width).model_inputs()
+        del inputs["ext_table_ids"], inputs["ext_table_sub"]  # a text encoder scores no output ids
+        inputs["conditioning_mask"] = inputs["attention_mask"].new_ones(inputs["attention_mask"].shape)
+        encoded = {k: v if return_tensors else v.tolist() for k, v in inputs.items()}
+        return BatchEncoding(encoded, tensor_type=return_tensors)
+
+    def with_caption_format(self) -> "CpmBeeTokenizer":
+        """This tokenizer with `prompt_format="caption"` (itself if it has it). VisCPM-Paint asks for it: a pipeline
+        folder converted before the format existed saved its tokenizer with "text"."""
+        if self.prompt_format == "caption":
+            return self
+        captions = copy.copy(self)
+        captions._use_caption_format()
+        return captions
+
+    def _use_caption_format(self) -> None:
+        self.prompt_format = "caption"
+        self.special_tokens_pattern = "prefix_suffix"  # the prompt around a caption counts as its special tokens
+        self.prefix_tokens, self.suffix_tokens = caption_template(self)
+        self.model_input_names = [
+            "input_ids", "attention_mask", "input_id_subs", "context", "segment_ids", "segment_rel_offset",
+            "num_segments", "segment_rel",
+        ]  # fmt: skip
+        if self.model_max_length >= VERY_LARGE_INTEGER:  # no limit given
+            self.model_max_length = MAX_CAPTION_TOKENS
 
     def decode(self, token_ids, skip_special_tokens: bool = False, ext_table: dict[int, str] | None = None, **kwargs):
         """`ext_table` (from `output_ext_tables`) maps a structured prompt's ext ids back to their strings."""

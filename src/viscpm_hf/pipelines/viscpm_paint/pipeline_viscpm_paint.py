@@ -2,11 +2,11 @@
 
 A Stable Diffusion UNet and VAE are conditioned, through cross-attention, on the hidden states of a frozen LLM
 passed through the transblock. Trained on English pairs only, the model follows prompts in the LLM's other
-languages too. With CPM-Bee (the released weights) prompts are built exactly as the original builds them.
+languages too. The tokenizer builds the text encoder's inputs; with CPM-Bee (the released weights) it builds the
+original's caption prompts.
 """
 
 import contextlib
-import dataclasses
 import inspect
 import logging
 import math
@@ -30,8 +30,6 @@ from diffusers.utils import USE_PEFT_BACKEND, BaseOutput, scale_lora_layers, uns
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel
 
-from ...models.cpmbee.prompt_cpmbee import CpmBeePrompt, collate_prompts, flatten_prompt
-from ...models.cpmbee.tokenization_cpmbee import CpmBeeTokenizer, escape_markup
 from .pixel_autoencoder import PixelShuffleAutoencoder
 from .transblock import VisCPMTransBlock
 
@@ -39,7 +37,6 @@ from .transblock import VisCPMTransBlock
 logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-CAPTION_SEGMENT = 2  # of {'caption': ..., 'objects': ''}: the root, the key 'caption', then its value
 # A tokenizer without a declared limit reports transformers' huge sentinel as its model_max_length.
 NO_TOKENIZER_LIMIT = 1_000_000
 
@@ -88,8 +85,8 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     Text-to-image with an LLM as the text encoder.
 
     Args:
-        tokenizer (*optional*): A [`CpmBeeTokenizer`] (the released weights: prompts are built as the original builds
-            them) or any tokenizer of `text_encoder`.
+        tokenizer (*optional*): Any tokenizer of `text_encoder`. One that offers `with_caption_format()` (CPM-Bee's, for
+            the released weights) is used in that format, which builds the prompts the original built.
         text_encoder (*optional*): Any transformers model whose output has `last_hidden_state`; it stays frozen.
             Without it (and the tokenizer) the pipeline denoises from `prompt_embeds` only, e.g. ones computed by
             another pipeline's `encode_prompt`.
@@ -134,6 +131,11 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         feature_extractor=None,
     ):
         super().__init__()
+        # A tokenizer with a caption format (CPM-Bee's: the original's caption prompts) is used in it, whatever format
+        # it was saved in: Paint folders converted before the format existed hold the plain-text one.
+        caption_format = getattr(tokenizer, "with_caption_format", None)
+        if caption_format is not None:
+            tokenizer = caption_format()
         text_width = None if text_encoder is None else getattr(text_encoder.config, "hidden_size", None)
         if text_width is not None and text_width != transblock.config.in_features:
             raise ValueError(
@@ -216,15 +218,9 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     # 1. Prompts -> UNet conditioning
 
     @property
-    def faithful_prompts(self) -> bool:
-        """With CPM-Bee, prompts take the original's structure and padding (the released weights expect them)."""
-        return isinstance(self.tokenizer, CpmBeeTokenizer)
-
-    @property
     def max_prompt_length(self) -> int | None:
         """The most tokens the text encoder reads: the smaller of the tokenizer's `model_max_length` and the encoder's
-        `max_position_embeddings` (None when neither is set, as for CPM-Bee's relative positions). Longer prompts are
-        truncated, with a warning."""
+        `max_position_embeddings` (None when neither is set). Longer prompts are truncated, with a warning."""
         limits = [getattr(self.tokenizer, "model_max_length", None)]
         if self.text_encoder is not None:
             limits.append(getattr(self.text_encoder.config, "max_position_embeddings", None))
@@ -252,10 +248,9 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         """Runs the text encoder once over all prompts (and negative prompts) and the transblock.
 
         Returns `(prompt_embeds, negative_prompt_embeds, prompt_attention_mask, negative_prompt_attention_mask)`,
-        embeds `(batch * num_images_per_prompt, length, cross_attention_dim)`, masks `(batch * num_images, length)`.
-        With CPM-Bee the masks keep the original's padding (each prompt and its negative are padded with `<pad>`
-        to the longer of the two, and those rows are seen by the UNet); they only hide padding added to batch
-        prompts of different lengths. Prompts longer than `max_prompt_length` are truncated with a warning.
+        embeds `(batch * num_images_per_prompt, length, cross_attention_dim)`, masks `(batch * num_images, length)`:
+        the mask of `encode_text`, which covers padded rows where the tokenizer says they condition (CPM-Bee's caption
+        prompts, as the original). Prompts longer than `max_prompt_length` are truncated with a warning.
         `lora_scale` scales LoRA layers loaded into the text encoder, as in Stable Diffusion.
         """
         self._require_text_encoder()
@@ -266,10 +261,11 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if scaled:
             scale_lora_layers(self.text_encoder, lora_scale)
         try:
-            hidden_states, mask = self._text_states(prompts, negatives, device)
+            hidden_states, mask = self.encode_text(prompts, negatives, device)
         finally:
             if scaled:
                 unscale_lora_layers(self.text_encoder, lora_scale)
+        hidden_states, mask = hidden_states.to(self.transblock.device), mask.to(self.transblock.device)
         with torch.no_grad():
             embeds = self.transblock(hidden_states, mask)
             mask = self.transblock.conditioning_mask(mask)
@@ -281,25 +277,37 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         return embeds[:count], embeds[count:], mask[:count], mask[count:]
 
     @torch.no_grad()
-    def _text_states(
-        self, prompts: list[str], negatives: list[str] | None, device: torch.device
+    def encode_text(
+        self,
+        prompts: list[str],
+        negative_prompts: list[str] | None = None,
+        device: torch.device | None = None,
+        max_length: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The text encoder's final hidden states of prompts then negatives, with their mask, on the transblock's
-        device."""
-        self._require_text_encoder()
-        inputs, mask = self._text_inputs(prompts, negatives)
-        hidden_states = self.text_encoder(**{k: v.to(device) for k, v in inputs.items()}).last_hidden_state
-        return hidden_states.to(self.transblock.device), mask.to(self.transblock.device)
+        """The text encoder's final hidden states `(texts, length, hidden)` of `prompts` then `negative_prompts`, and
+        the mask `(texts, length)` of the positions that condition the UNet: what the transblock reads, and what
+        training caches.
 
-    def _text_inputs(
-        self, prompts: list[str], negatives: list[str] | None = None, max_length: int | None = None
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The text encoder's inputs for prompts then negatives, truncated to `max_length` (default
-        `max_prompt_length`), and the mask of the positions that carry conditioning."""
-        max_length = max_length or self.max_prompt_length
-        if self.faithful_prompts:
-            return self._cpmbee_inputs(prompts, negatives, max_length)
-        texts = prompts + (negatives or [])
+        Texts longer than `max_length` tokens (default `max_prompt_length`) lose tokens from their end, with a warning.
+        The mask hides padding, unless the tokenizer's `conditioning_mask` says it conditions too (CPM-Bee's caption
+        prompts: the original feeds the UNet the `<pad>` rows of each prompt and its negative, padded to the longer of
+        the two); then it covers each text's pair.
+        """
+        self._require_text_encoder()
+        device = device or self._execution_device
+        inputs = self._tokenize(prompts + (negative_prompts or []), max_length or self.max_prompt_length)
+        attention_mask = inputs["attention_mask"]
+        pair_span = attention_mask
+        if negative_prompts is not None:
+            pair = attention_mask[: len(prompts)] | attention_mask[len(prompts) :]
+            pair_span = torch.cat([pair, pair])
+        mask = attention_mask | (inputs.get("conditioning_mask", attention_mask) & pair_span)
+        model_inputs = {name: inputs[name].to(device) for name in self.tokenizer.model_input_names if name in inputs}
+        hidden_states = self.text_encoder(**model_inputs).last_hidden_state
+        return hidden_states, mask.to(hidden_states.device)
+
+    def _tokenize(self, texts: list[str], max_length: int | None) -> dict[str, torch.Tensor]:
+        """The tokenizer's outputs for `texts`, cut to `max_length` with a warning that counts the dropped tokens."""
         with _TOKENIZER_LOCK:
             inputs = self.tokenizer(
                 texts, padding=True, truncation=max_length is not None, max_length=max_length, return_tensors="pt"
@@ -319,15 +327,14 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             dropped = [len(ids) + specials - count for ids, count in zip(plain, kept)]
             removed = [self.tokenizer.decode(ids[len(ids) - n :]) if n > 0 else "" for ids, n in zip(plain, dropped)]
             self._warn_truncated(texts, dropped, max_length, removed)
-        inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        return inputs, mask
+        return inputs
 
     @staticmethod
-    def _warn_truncated(texts: list[str], dropped: list[int], limit: int, removed: list[str] | None = None) -> None:
-        for index, (text, count) in enumerate(zip(texts, dropped)):
+    def _warn_truncated(texts: list[str], dropped: list[int], limit: int, removed: list[str]) -> None:
+        for text, count, lost in zip(texts, dropped, removed):
             if count > 0:
                 shown = repr(text) if len(text) <= 40 else f"{text[:40]!r}..."
-                what = f": {removed[index][:80]!r}" if removed and removed[index] else ""
+                what = f": {lost[:80]!r}" if lost else ""
                 logger.warning(
                     f"Prompt {shown} is longer than the {limit} tokens the text encoder reads: {count} tokens were "
                     f"dropped from its end{what}."
@@ -345,8 +352,9 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         sentences = []
         for start in range(0, len(captions) + 1, batch_size):
             chunk = (list(captions) + [""])[start : start + batch_size]
-            hidden_states, mask = self._text_states(chunk, None, device)
-            sentences.append(self.transblock.sentence_vectors(hidden_states.float(), mask))
+            hidden_states, mask = self.encode_text(chunk, device=device)
+            hidden_states, mask = hidden_states.to(self.transblock.device).float(), mask.to(self.transblock.device)
+            sentences.append(self.transblock.sentence_vectors(hidden_states, mask))
         self.transblock.set_anchors(torch.cat(sentences), temperature)
 
     @staticmethod
@@ -360,54 +368,6 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 "per prompt, or a single string for all."
             )
         return negatives
-
-    def _cpmbee_inputs(
-        self, prompts: list[str], negatives: list[str] | None, max_length: int | None = None
-    ) -> tuple[dict, torch.Tensor]:
-        """The original's CPM-Bee inputs `{'caption': prompt, 'objects': ''}`, padded to the batch's longest. A prompt
-        longer than `max_length` loses caption tokens from the end; its structure stays."""
-        texts = prompts + (negatives or [])
-        flattened = [flatten_prompt(self.tokenizer, {"caption": escape_markup(t), "objects": ""}) for t in texts]
-        if max_length is not None:
-            flattened, dropped = zip(*(self._truncate_caption(prompt, max_length) for prompt in flattened))
-            self._warn_truncated(texts, list(dropped), max_length)
-        lengths = [len(p) for p in flattened]
-        batch = collate_prompts(self.tokenizer, flattened, max(lengths))
-        inputs = batch.model_inputs()
-        inputs.pop("ext_table_ids"), inputs.pop("ext_table_sub")  # a text encoder scores nothing
-        # Each prompt and its negative share a length: the longer of the two, padding included, as the original.
-        pair_lengths = torch.tensor(lengths[: len(prompts)])
-        if negatives is not None:
-            pair_lengths = torch.maximum(pair_lengths, torch.tensor(lengths[len(prompts) :]))
-            pair_lengths = torch.cat([pair_lengths, pair_lengths])
-        mask = (torch.arange(max(lengths))[None] < pair_lengths[:, None]).long()
-        return inputs, mask
-
-    @staticmethod
-    def _truncate_caption(prompt: CpmBeePrompt, max_length: int) -> tuple[CpmBeePrompt, int]:
-        """Drops the caption's last tokens (not its `</s>`) until the flattened prompt has `max_length` tokens."""
-        excess = len(prompt) - max_length
-        if excess <= 0:
-            return prompt, 0
-        caption = [i for i, segment in enumerate(prompt.segment_ids) if segment == CAPTION_SEGMENT][1:-1]
-        if excess > len(caption):
-            raise ValueError(
-                f"The text encoder reads at most {max_length} tokens, fewer than the {len(prompt) - len(caption)} "
-                "that the prompt structure needs without any caption: raise its max_position_embeddings."
-            )
-        drop = set(caption[len(caption) - excess :])
-
-        def keep(values: list[int]) -> list[int]:
-            return [value for position, value in enumerate(values) if position not in drop]
-
-        truncated = dataclasses.replace(
-            prompt,
-            input_ids=keep(prompt.input_ids),
-            input_id_subs=keep(prompt.input_id_subs),
-            context=keep(prompt.context),
-            segment_ids=keep(prompt.segment_ids),
-        )
-        return truncated, excess
 
     # 2. Checks
 
