@@ -8,7 +8,7 @@ Stage 2, `--stage sft`: instruction tuning of the bridge and the LLM (`--tune_vi
 The LLM is any causal LM, or CPM-Bee, the paper's own (a folder from `viscpm-convert chat`). On CPM-Bee the prompt
 is the original's structure (image, context, question, answer; prompt bidirectional, answer causal); each assistant
 turn becomes one example whose earlier turns are its context, and `CpmBeeChatCollator` puts the loss on exactly the
-answer tokens and their `</s>` (see `viscpm_hf/chat/training.py`).
+answer tokens and their `</s>` (see `viscpm_hf/training/cpmbee.py`).
 
 Data: LLaVA-style conversation JSON, caption JSON/CSV (`image`, `caption`), or a local `datasets` dataset with
 image and text columns; images are resolved against `--image_folder`. `--target_language_data` and
@@ -46,8 +46,9 @@ from huggingface_hub import ModelCardData
 from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser
 from trl import SFTConfig, SFTTrainer
 
-import viscpm_hf  # noqa: F401  (registers the VisCPM classes)
+from viscpm_hf import VisCPMChatCpmBeeProcessor
 from viscpm_hf.hub import check_hub_target, derived_metadata, missing_metadata, push_to_hub, write_card
+from viscpm_hf.integrations.hub_kernels import disable_hub_kernels_when_offline
 from viscpm_hf.mpm.data import (
     caption_dataset,
     conversation_dataset,
@@ -61,7 +62,7 @@ from viscpm_hf.training.checkpoints import (
     latest_complete_checkpoint,
     write_json_atomically,
 )
-from viscpm_hf.training.cpmbee import CpmBeeChatCollator, ModelLossSFTTrainer, is_structured_chat
+from viscpm_hf.training.cpmbee import CpmBeeChatCollator, ModelLossSFTTrainer
 from viscpm_hf.training.sharding import set_fsdp_units, warn_if_not_sharded
 
 
@@ -242,6 +243,7 @@ def resolve_resume(training: SFTConfig) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> SFTTrainer:
+    disable_hub_kernels_when_offline()
     parser = HfArgumentParser((ScriptArguments, SFTConfig))
     args, training = parser.parse_args_into_dataclasses(args=argv)
     args.lora = args.lora or args.qlora
@@ -252,7 +254,7 @@ def main(argv: list[str] | None = None) -> SFTTrainer:
     # The Trainer would upload output_dir, checkpoints and all, at every save; model/ goes up once exported instead.
     training.push_to_hub = False
     processor = AutoProcessor.from_pretrained(args.model_name_or_path)
-    structured = is_structured_chat(processor)
+    structured = isinstance(processor, VisCPMChatCpmBeeProcessor)  # the released model: CPM-Bee's structured prompts
     # Vision data: the processor pads. Generic LLMs: TRL's collator with the loss on assistant turns (from the
     # template's generation spans); CPM-Bee: our collator puts it on the answer of each example.
     training.max_length = None

@@ -24,6 +24,12 @@ from .models.viscpm_chat import (
     VisCPMChatProcessor,
     paper_image_processor,
 )
+from .models.viscpm_chat_cpmbee import (
+    VisCPMChatCpmBeeConfig,
+    VisCPMChatCpmBeeForConditionalGeneration,
+    VisCPMChatCpmBeeModel,
+    VisCPMChatCpmBeeProcessor,
+)
 from .pipelines.viscpm_paint import (
     PixelShuffleAutoencoder,
     VisCPMPaintPipeline,
@@ -44,6 +50,10 @@ __all__ = [
     "VisCPMBeit3Config",
     "VisCPMBeit3Model",
     "VisCPMChatConfig",
+    "VisCPMChatCpmBeeConfig",
+    "VisCPMChatCpmBeeForConditionalGeneration",
+    "VisCPMChatCpmBeeModel",
+    "VisCPMChatCpmBeeProcessor",
     "VisCPMChatForConditionalGeneration",
     "VisCPMChatHistory",
     "VisCPMChatModel",

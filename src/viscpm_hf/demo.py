@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .integrations.hub_kernels import disable_hub_kernels_when_offline
+
 
 # The embedded defaults live in the repository, not in the package: found when the package runs from a checkout
 # (an editable install), absent from a wheel, where --chat_model / --paint_model must name folders.
@@ -156,7 +158,7 @@ class ChatTab:
         if errors:
             raise gr.Error(f"{type(errors[0]).__name__}: {errors[0]}")
         text, history = result[0]
-        # chat()'s decoding is the reference (CPM-Bee decodes with the prompt's own table, which a streamer lacks).
+        # chat()'s answer is the reference: the streamed text is the same, stripped differently at its ends.
         yield "", [*messages[:-1], {"role": "assistant", "content": text}], history
 
     @staticmethod
@@ -247,6 +249,7 @@ def build_app(chat: ChatTab, paint: PaintTab, steps: int = 20, guidance: float =
 
 
 def main(argv=None) -> None:
+    disable_hub_kernels_when_offline()
     args = parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no telemetry requests
     try:

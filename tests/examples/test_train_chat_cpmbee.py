@@ -137,6 +137,22 @@ def test_training_loss_is_the_originals(cpmbee_chat, processor, tmp_path):
     assert losses[SFTTrainer] != pytest.approx(expected, rel=1e-2)
 
 
+
+def test_trls_plain_sft_trainer_is_refused_with_the_way_to_train(cpmbee_chat, processor, tmp_path):
+    """A user following TRL's docs (its own collator and fused-head loss) would train the bidirectional prompt and a
+    head without CPM-Bee's scaling and ext columns; the first step stops and names what trains it right."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    chats = [{"images": [str(PARITY_DIR / "vision_image0.png")], "messages": [
+        message("user", "What is in the image?", True), message("assistant", "A red circle and a green square.")]}]  # fmt: skip
+    config = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_length=None, bf16=False,
+                       max_steps=1, per_device_train_batch_size=1, save_strategy="no")  # fmt: skip
+    model = AutoModelForImageTextToText.from_pretrained(cpmbee_chat)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(chats), processing_class=processor)
+    with pytest.raises(ValueError, match="CpmBeeChatCollator.*ModelLossSFTTrainer"):
+        trainer.train()
+
 # --- the script --------------------------------------------------------------------------------------------------
 
 

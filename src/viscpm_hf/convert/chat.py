@@ -2,7 +2,7 @@
 
 The original file is one flat state dict: `query`, `mapping.{0,2}.*`, `vpm.*` (BEiT-3) and `llm.*` (CPM-Bee).
 Tensors are streamed piece by piece into safetensors shards, renamed to the layout of
-`VisCPMChatForConditionalGeneration`; what inference never uses (the MIM head, BEiT-3's text embedding and mask
+`VisCPMChatCpmBeeForConditionalGeneration`; what inference never uses (the MIM head, BEiT-3's text embedding and mask
 token) is dropped. The sizes of both towers and of the bridge are read from the tensors' shapes; every name and
 shape is checked against the target model before anything is written.
 """
@@ -15,13 +15,13 @@ import torch
 
 from ..models.beit3 import beit3_config_from_original, convert_beit3_key
 from ..models.cpmbee import CpmBeeTokenizer
-from ..models.cpmbee.convert_cpmbee import convert_cpmbee_key, cpmbee_config_from_original
+from ..models.cpmbee.convert_cpmbee import convert_cpmbee_key, cpmbee_config_from_original, special_token_ids
 from ..models.cpmbee.prompt_cpmbee import viscpm_chat_template
-from ..models.viscpm_chat import (
-    VisCPMChatConfig,
-    VisCPMChatForConditionalGeneration,
-    VisCPMChatProcessor,
-    paper_image_processor,
+from ..models.viscpm_chat import paper_image_processor
+from ..models.viscpm_chat_cpmbee import (
+    VisCPMChatCpmBeeConfig,
+    VisCPMChatCpmBeeForConditionalGeneration,
+    VisCPMChatCpmBeeProcessor,
 )
 from .checkpoint import (
     FiniteCheck,
@@ -61,9 +61,9 @@ IMAGE_TOKEN, IMAGE_TOKEN_ID = "<mask>", 2
 
 def chat_config_from_original(
     llm: dict | None = None, vision: dict | None = None, num_query_tokens: int = RELEASED_NUM_QUERY_TOKENS
-) -> VisCPMChatConfig:
+) -> VisCPMChatCpmBeeConfig:
     """The chat config of complete original configs (default: the release's)."""
-    return VisCPMChatConfig(
+    return VisCPMChatCpmBeeConfig(
         vision_config=beit3_config_from_original(vision or BEIT3_LARGE, num_query_tokens=num_query_tokens),
         text_config={
             **cpmbee_config_from_original(llm or CPMBEE_10B).to_dict(),
@@ -99,7 +99,7 @@ def original_configs_from_checkpoint(
 
 
 def convert_chat_key(original_key: str) -> str | None:
-    """Original chat key -> `VisCPMChatForConditionalGeneration` key, or None for weights inference never uses."""
+    """Original chat key -> `VisCPMChatCpmBeeForConditionalGeneration` key, or None for weights inference never uses."""
     if original_key.startswith("llm."):
         try:
             return f"model.llm.model.{convert_cpmbee_key(original_key)}"
@@ -119,7 +119,7 @@ def convert_chat_key(original_key: str) -> str | None:
 
 
 def plan_conversion(
-    checkpoint: OriginalCheckpoint, model: VisCPMChatForConditionalGeneration
+    checkpoint: OriginalCheckpoint, model: VisCPMChatCpmBeeForConditionalGeneration
 ) -> list[tuple[str, str]]:
     """`(original key, new key)` pairs, after checking names and shapes against `model` (on the meta device)."""
     tied = set(model.all_tied_weights_keys)
@@ -155,9 +155,9 @@ def plan_conversion(
 
 def build_processor(
     vocab: str | os.PathLike, num_image_tokens: int = RELEASED_NUM_QUERY_TOKENS, image_size: int = 224
-) -> VisCPMChatProcessor:
+) -> VisCPMChatCpmBeeProcessor:
     tokenizer = CpmBeeTokenizer(vocab_file=str(vocab), prompt_format="structured")
-    return VisCPMChatProcessor(
+    return VisCPMChatCpmBeeProcessor(
         image_processor=paper_image_processor(image_size),
         tokenizer=tokenizer,
         chat_template=viscpm_chat_template(),
@@ -202,11 +202,13 @@ def convert_chat(
     )
     config = chat_config_from_original(llm, vision, num_queries)
     with torch.device("meta"):
-        model = VisCPMChatForConditionalGeneration(config)
+        model = VisCPMChatCpmBeeForConditionalGeneration(config)
     plan = plan_conversion(original, model)
     check_floating(original, [key for key, _ in plan])
     processor = build_processor(vocab, num_queries, config.vision_config.image_size)
     check_vocabulary(processor.tokenizer, vocab, config.text_config.vocab_size, checkpoint)
+    for field, token_id in special_token_ids(processor.tokenizer).items():
+        setattr(config.text_config, field, token_id)
     generation_config = model.generation_config
     generation_config.cpmbee_decoding = {"temperature": 0.7, "repetition_penalty": 1.1}
     generation_config.max_new_tokens = MAX_ANSWER_TOKENS  # the original's max_length 512 admits 513 tokens, then </s>

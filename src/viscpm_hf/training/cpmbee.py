@@ -25,14 +25,11 @@ import torch
 from transformers import Trainer
 from trl import SFTTrainer
 
+from ..models.viscpm_chat_cpmbee import VisCPMChatCpmBeeProcessor
+
 
 IGNORE_INDEX = -100
 ANSWER_KEY = "<ans>"
-
-
-def is_structured_chat(processor) -> bool:
-    """Whether the processor writes CPM-Bee structured prompts (a VisCPM-Chat on CPM-Bee, the paper's model)."""
-    return getattr(processor.tokenizer, "prompt_format", None) == "structured"
 
 
 @dataclass
@@ -55,9 +52,9 @@ class CpmBeeChatCollator:
     processor: Any
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
-        if not is_structured_chat(self.processor):
+        if not isinstance(self.processor, VisCPMChatCpmBeeProcessor):
             raise ValueError(
-                "CpmBeeChatCollator needs a VisCPM-Chat processor on CPM-Bee (tokenizer prompt_format='structured'); "
+                "CpmBeeChatCollator needs the processor of a VisCPM-Chat on CPM-Bee (VisCPMChatCpmBeeProcessor); "
                 "for other LLMs use TRL's own collator with assistant_only_loss=True."
             )
         texts, images = [], []
@@ -125,4 +122,4 @@ class ModelLossSFTTrainer(SFTTrainer):
         return Trainer.compute_loss(self, model, {**inputs, "use_cache": False}, return_outputs, num_items_in_batch)
 
 
-__all__ = ["CpmBeeChatCollator", "ModelLossSFTTrainer", "answer_labels", "is_structured_chat"]
+__all__ = ["CpmBeeChatCollator", "ModelLossSFTTrainer", "answer_labels"]

@@ -5,13 +5,10 @@ import pytest
 import torch
 from parity import PARITY_DIR, json_file, tensors
 
+from viscpm_hf import CpmBeeConfig
 from viscpm_hf.models.cpmbee.markup_cpmbee import CpmBeeExtTable
 from viscpm_hf.models.cpmbee.prompt_cpmbee import (
-    ANSWER_ID,
-    BOS_ID,
-    EOS_ID,
-    ROOT_ID,
-    UNK_ID,
+    PromptTokenIds,
     collate_prompts,
     flat_prompt_structure,
     flatten_prompt,
@@ -228,9 +225,11 @@ def test_collation_refuses_prompts_longer_than_max_length(bee_tokenizer):
 # --- structure read back from ids (what pipeline("text-generation") passes) ------------------------------------------
 
 
-def test_the_fixed_ids_are_the_vocabularys(bee_tokenizer):
-    names = {UNK_ID: "<unk>", BOS_ID: "<s>", EOS_ID: "</s>", ROOT_ID: "<root>", ANSWER_ID: "<ans>"}
+def test_the_delimiting_ids_come_from_the_vocabulary_and_match_the_configs_defaults(bee_tokenizer):
+    ids = PromptTokenIds.of_tokenizer(bee_tokenizer)
+    names = {ids.unk: "<unk>", ids.bos: "<s>", ids.eos: "</s>", ids.root: "<root>", ids.answer: "<ans>"}
     assert {i: bee_tokenizer.convert_ids_to_tokens(i) for i in names} == names
+    assert ids == PromptTokenIds.of_config(CpmBeeConfig())
 
 
 def test_structure_read_back_from_ids_equals_the_tokenizers(bee_tokenizer):
@@ -239,7 +238,7 @@ def test_structure_read_back_from_ids_equals_the_tokenizers(bee_tokenizer):
         {"input": "天空是什么颜色？", "<ans>": ""},  # fewer segments, left-padded in the batch
     ]
     expected = pad_model_prompts([model_prompt(bee_tokenizer, prompt) for prompt in prompts], "left")
-    derived = flat_prompt_structure(expected["input_ids"], expected["attention_mask"])
+    derived = flat_prompt_structure(expected["input_ids"], PromptTokenIds.of_tokenizer(bee_tokenizer), expected["attention_mask"])
     assert expected["attention_mask"][1, 0] == 0  # the second row really is padded
     assert set(derived) == set(expected) - {"input_ids", "attention_mask"}
     for name, value in derived.items():
@@ -256,11 +255,11 @@ def test_structure_read_back_from_ids_equals_the_tokenizers(bee_tokenizer):
 def test_structure_that_ids_cannot_describe_is_refused(bee_tokenizer, prompt, message):
     ids = pad_model_prompts([model_prompt(bee_tokenizer, prompt)])["input_ids"]
     with pytest.raises(ValueError, match=message):
-        flat_prompt_structure(ids)
+        flat_prompt_structure(ids, PromptTokenIds.of_tokenizer(bee_tokenizer))
 
 
 def test_ids_cut_short_are_refused(bee_tokenizer):
     ids = pad_model_prompts([model_prompt(bee_tokenizer, {"question": "hi", "<ans>": ""})])["input_ids"]
     for cut in (ids[:, 1:], ids[:, :-1], ids[:, :-3]):
         with pytest.raises(ValueError, match="cannot be read back"):
-            flat_prompt_structure(cut)
+            flat_prompt_structure(cut, PromptTokenIds.of_tokenizer(bee_tokenizer))

@@ -338,50 +338,6 @@ def test_unset_image_token_id_is_reported(tokenizer, inputs):
         model(**inputs)
 
 
-# --- an LLM with inputs of its own (CPM-Bee) slots in unchanged ---------------------------------------------
-
-
-def test_cpmbee_llm_with_structured_inputs(tokenizer):
-    from viscpm_hf import CpmBeeConfig
-
-    llm_config = CpmBeeConfig(
-        vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, head_dim=8, intermediate_size=64
-    )
-    config = make_chat_config(tokenizer)
-    config = VisCPMChatConfig(
-        vision_config=config.vision_config, text_config=llm_config, image_token_id=2, num_query_tokens=NUM_QUERY_TOKENS
-    )
-    torch.manual_seed(0)
-    model = VisCPMChatForConditionalGeneration(config).eval()
-    segments = torch.tensor([0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2, 3])  # root, image, question, answer start
-    inputs = {
-        "input_ids": torch.tensor([[6, 8, 6, 2, 2, 2, 2, 7, 6, 50, 7, 6]]),
-        "pixel_values": torch.randn(1, 3, 32, 32),
-        "context": (segments < 3).long()[None],
-        "segment_ids": segments[None],
-        "num_segments": torch.full((1, 12), 4),
-        "segment_rel_offset": torch.zeros(1, 12, dtype=torch.long),
-        "segment_rel": torch.tensor([[0, 2, 2, 2, 9, 0, 10, 10, 9, 10, 0, 10, 9, 10, 10, 0]]),
-        "ext_table_ids": torch.tensor([[1]]),
-        "ext_table_sub": torch.tensor([[1]]),
-    }
-    out = model(**inputs)
-    assert out.logits.shape == (1, 12, 121)  # vocabulary + one ext column
-    for kwargs in ({"num_beams": 1}, {"num_beams": 3}):
-        generated = model.generate(**inputs, max_new_tokens=5, **kwargs)
-        llm_inputs, _, _ = model.model.prepare_llm_inputs(inputs["input_ids"], None, inputs["pixel_values"])
-        structure = {k: v for k, v in inputs.items() if k not in ("input_ids", "pixel_values")}
-        reference = model.model.llm.generate(
-            inputs_embeds=llm_inputs["inputs_embeds"],
-            generation_config=model.generation_config,
-            max_new_tokens=5,
-            **structure,
-            **kwargs,
-        )
-        torch.testing.assert_close(generated[0, 12:], reference[0])
-        assert not (generated[0, 12:] == 2).any()
-
-
 def test_prompt_lookup_decoding_gives_the_greedy_tokens(chat_model, inputs):
     greedy = chat_model.generate(**inputs, max_new_tokens=6, num_beams=1)
     assisted = chat_model.generate(**inputs, max_new_tokens=6, num_beams=1, prompt_lookup_num_tokens=3)

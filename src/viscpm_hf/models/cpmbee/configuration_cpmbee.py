@@ -25,6 +25,9 @@ class CpmBeeConfig(PreTrainedConfig):
         sub_position_scale (`int`, defaults to 16): A token with sub id s is rotated as position `s * 16`.
         max_position_embeddings (`int`, *optional*): CPM-Bee has relative positions only; set a limit to refuse
             longer inputs.
+        unk_token_id, root_token_id, answer_token_id (`int`, defaults to 1, 8, 9): The vocabulary's `<unk>`, `<root>`
+            and `<ans>`, which delimit structured prompts and drive the original's decoding; the converter writes the
+            ids of the vocabulary it converts with.
     """
 
     model_type = "cpmbee"
@@ -49,6 +52,9 @@ class CpmBeeConfig(PreTrainedConfig):
     use_cache: bool = True
     pad_token_id: int | None = 0
     bos_token_id: int | None = 6
+    unk_token_id: int | None = 1
+    root_token_id: int | None = 8
+    answer_token_id: int | None = 9
     eos_token_id: int | list[int] | None = 7
     tie_word_embeddings: bool = True
 

@@ -53,3 +53,10 @@ def cpmbee_config_from_original(original: Mapping) -> CpmBeeConfig:
         position_bias_max_distance=original["position_bias_max_distance"],
         rms_norm_eps=original["eps"],
     )
+
+
+def special_token_ids(tokenizer) -> dict[str, int]:
+    """The config fields of the ids that delimit prompts and drive decoding, read from the vocabulary converted with
+    (a `CpmBeeTokenizer`), so no id is assumed."""
+    names = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>", "root": "<root>", "answer": "<ans>"}
+    return {f"{field}_token_id": tokenizer.convert_tokens_to_ids(token) for field, token in names.items()}

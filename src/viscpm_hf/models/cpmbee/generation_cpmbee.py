@@ -11,16 +11,14 @@ generation config, as converted folders set it) switches on:
   `custom_generate`): it scores raw-logit rules before the log-softmax, and stops by its own rule.
 
 `cpmbee_generate_kwargs` turns the setting into these `generate` arguments for one call; nothing is stored on the
-model, so concurrent calls on one model are independent.
+model, so concurrent calls on one model are independent. The models whose `generate` applies them are the ones that own
+CPM-Bee: `CpmBeeForCausalLM` and `VisCPMChatCpmBeeForConditionalGeneration`.
 """
 
 import torch
 from torch import nn
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput
-
-
-UNK_TOKEN_ID = 1
 
 
 class CpmBeeDecodingLogitsProcessor(LogitsProcessor):
@@ -63,27 +61,70 @@ class CpmBeeDecodingLogitsProcessor(LogitsProcessor):
         return torch.where(ids >= self.vocab_size, torch.gather(table, 1, column), ids)
 
 
+def cpmbee_decoding_settings(kwargs: dict, model_generation_config: GenerationConfig) -> dict | None:
+    """The `cpmbee_decoding` of one `generate` call, as transformers merges a custom generation field: the call's
+    argument, else the passed `generation_config`'s, else the model's own. `cpmbee_decoding=None` (or `{}`) turns the
+    original's rules off for the call."""
+    if "cpmbee_decoding" in kwargs:
+        return kwargs.pop("cpmbee_decoding")
+    passed = kwargs.get("generation_config")
+    if passed is not None and "cpmbee_decoding" in passed.to_dict():
+        return passed.cpmbee_decoding
+    return getattr(model_generation_config, "cpmbee_decoding", None)
+
+
+def effective_num_beams(kwargs: dict, model_generation_config: GenerationConfig) -> int:
+    """`num_beams` as `generate` will read it: the argument, else the passed config's (when set), else the model's."""
+    passed = kwargs.get("generation_config")
+    for value in (kwargs.get("num_beams"), getattr(passed, "num_beams", None), model_generation_config.num_beams):
+        if value is not None:
+            return value
+    return 1
+
+
 def cpmbee_generate_kwargs(
-    kwargs: dict, prompt_length: int, vocab_size: int, generation_config: GenerationConfig
-) -> dict:
-    """`generate` keyword arguments with `cpmbee_decoding` (from `kwargs`, else the generation config) applied to
-    this call: its logits processor first, and the original beam search when beams are asked for."""
-    config = kwargs.get("generation_config") or generation_config
-    settings = kwargs.pop("cpmbee_decoding", getattr(config, "cpmbee_decoding", None))
+    kwargs: dict, prompt_length: int, vocab_size: int, unk_token_id: int, model_generation_config: GenerationConfig
+) -> tuple[dict, object | None]:
+    """`generate` keyword arguments with this call's `cpmbee_decoding` applied (its logits processor first, and the
+    original beam search when beams are asked for), and the streamer to feed once the answer is known.
+
+    A beam search knows its answer only at its end: a `streamer` is then held back from `generate` and gets the prompt
+    and the final answer afterwards (`stream_final_answer`), so a consumer always sees the answer and its end.
+    """
+    settings = cpmbee_decoding_settings(kwargs, model_generation_config)
     if not settings:
-        return kwargs
+        return kwargs, None
     processor = CpmBeeDecodingLogitsProcessor(
         prompt_length=prompt_length,
-        unk_token_id=UNK_TOKEN_ID,
+        unk_token_id=unk_token_id,
         vocab_size=vocab_size,
         temperature=settings.get("temperature", 1.0),
         repetition_penalty=settings.get("repetition_penalty", 1.0),
         ext_table_ids=kwargs.get("ext_table_ids"),
     )
     kwargs["logits_processor"] = LogitsProcessorList([processor, *(kwargs.get("logits_processor") or [])])
-    if (kwargs.get("num_beams") or config.num_beams or 1) > 1 and kwargs.get("custom_generate") is None:
+    streamer = None
+    if effective_num_beams(kwargs, model_generation_config) > 1 and kwargs.get("custom_generate") is None:
         kwargs["custom_generate"] = cpmbee_beam_search
-    return kwargs
+        streamer = kwargs.pop("streamer", None)
+    return kwargs, streamer
+
+
+def check_streamed_batch(streamer, input_ids: torch.Tensor) -> None:
+    """transformers' streamers take one sequence; refused before any work rather than deep inside decoding."""
+    if streamer is not None and input_ids.shape[0] != 1:
+        raise ValueError(
+            f"A streamer shows one answer, but the batch has {input_ids.shape[0]} prompts: stream one prompt at a "
+            "time, or generate the batch without a streamer."
+        )
+
+
+def stream_final_answer(streamer, input_ids: torch.Tensor, output) -> None:
+    """Feeds a held-back streamer as `generate` would have: the prompt, then the (best) answer, then `end()`."""
+    sequences = output.sequences if hasattr(output, "sequences") else output
+    streamer.put(input_ids[0].cpu())
+    streamer.put(sequences[0, input_ids.shape[1] :].cpu())
+    streamer.end()
 
 
 class FinishedHypotheses:
@@ -122,7 +163,6 @@ def cpmbee_beam_search(
     stopping_criteria: StoppingCriteriaList,
     generation_config: GenerationConfig,
     synced_gpus: bool = False,
-    streamer=None,
     **model_kwargs,
 ) -> torch.LongTensor | GenerateBeamDecoderOnlyOutput:
     """The original VisCPM beam search as a `custom_generate` decoding loop (inputs and cache prepared by `generate`,
@@ -134,8 +174,8 @@ def cpmbee_beam_search(
     Otherwise candidates ending in `</s>` (every candidate at the last step) become finished answers and the others
     the next beams, until `num_beams` of them. Returns each prompt followed by its best answer(s), padded.
     """
-    if synced_gpus or streamer is not None:
-        raise ValueError("CPM-Bee's beam search supports neither synced_gpus nor a streamer; use num_beams=1 to stream.")
+    if synced_gpus:
+        raise ValueError("CPM-Bee's beam search does not support synced_gpus.")
     num_beams = generation_config.num_beams
     num_return = generation_config.num_return_sequences or 1
     if num_return > num_beams:

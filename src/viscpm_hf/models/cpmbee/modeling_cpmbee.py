@@ -27,8 +27,8 @@ from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_cpmbee import CpmBeeConfig
-from .generation_cpmbee import cpmbee_generate_kwargs
-from .prompt_cpmbee import ROOT_ID, flat_prompt_structure
+from .generation_cpmbee import check_streamed_batch, cpmbee_generate_kwargs, stream_final_answer
+from .prompt_cpmbee import PromptTokenIds, flat_prompt_structure
 
 
 class CpmBeeRMSNorm(nn.Module):
@@ -105,15 +105,25 @@ class CpmBeeStructure:
         segment_rel_offset: torch.Tensor | None = None,
         num_segments: torch.Tensor | None = None,
         segment_rel: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> "CpmBeeStructure":
+        def last_real(values):
+            """Each row's value at its last real token of the prefix: right padding is not what the answer continues."""
+            length = values.shape[1]
+            if attention_mask is None or attention_mask.shape[1] < length:
+                return values[:, -1:]
+            real = attention_mask[:, :length].to(device=device, dtype=torch.long)
+            last = (real * torch.arange(1, length + 1, device=device)).argmax(-1, keepdim=True)
+            return torch.gather(values, 1, last)
+
         def extend(values, fill):
-            """A prefix continues with `fill` (or its last value when fill is None) up to the total length."""
+            """A prefix continues with `fill` (or its last real value when fill is None) up to the total length."""
             if values is None:
                 return torch.full((batch_size, total_length), 0 if fill is None else fill, dtype=torch.long, device=device)
             values = values.to(device=device, dtype=torch.long)
             if values.shape[1] >= total_length:
                 return values[:, :total_length]
-            pad = values[:, -1:] if fill is None else torch.full_like(values[:, -1:], fill)
+            pad = last_real(values) if fill is None else torch.full_like(values[:, -1:], fill)
             return torch.cat([values, pad.expand(-1, total_length - values.shape[1])], dim=1)
 
         if segment_rel is None:
@@ -160,12 +170,17 @@ class CpmBeePositionBias(nn.Module):
 
 
 def packed_sequence_ids(
-    position_ids: torch.Tensor | None, cu_seq_lens: torch.Tensor | None, batch_size: int, length: int
+    position_ids: torch.Tensor | None,
+    cu_seq_lens: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    batch_size: int,
+    length: int,
 ) -> torch.Tensor | None:
     """Which packed sequence each token is in, `(batch, length)`, or None when every row holds one sequence.
 
     Padding-free batches (TRL's `padding_free`, `DataCollatorWithFlattening`) mark where each sequence starts by
-    position ids that restart at 0, or by cumulative lengths (`cu_seq_lens_q`, one flattened row).
+    position ids that restart at 0, or by cumulative lengths (`cu_seq_lens_q`, one flattened row). Only a real token
+    starts a sequence: `generate` gives padding position 0 too, and padding is not packing.
     """
     if cu_seq_lens is not None:
         if batch_size != 1:
@@ -175,7 +190,9 @@ def packed_sequence_ids(
     if position_ids is None or position_ids.shape[-1] != length:
         return None
     starts = position_ids.expand(batch_size, -1) == 0
-    if bool((starts.sum(-1) <= 1).all()):  # one sequence per row (left padding puts no 0 before its first token)
+    if attention_mask is not None:
+        starts = starts & attention_mask[:, -length:].bool()
+    if bool((starts.sum(-1) <= 1).all()):  # one sequence per row
         return None
     return starts.cumsum(-1)
 
@@ -410,13 +427,16 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         # Packed sequences only in a first pass: a decoding step continues the sequence its cache holds.
         sequence_ids = None
         if past_length == 0:
-            if segment_ids is None and input_ids is not None and bool((input_ids == ROOT_ID).any()):
+            root = self.config.root_token_id
+            if segment_ids is None and input_ids is not None and root is not None and bool((input_ids == root).any()):
                 raise ValueError(
                     "input_ids hold a flattened CPM-Bee prompt (<root>) but no structural inputs: pass all the "
                     "tokenizer's outputs (model(**tokenizer(prompt, return_tensors='pt'))), or call generate, which "
                     "reads the structure of a dict-of-strings prompt back from its ids."
                 )
-            sequence_ids = packed_sequence_ids(position_ids, kwargs.get("cu_seq_lens_q"), batch_size, length)
+            sequence_ids = packed_sequence_ids(
+                position_ids, kwargs.get("cu_seq_lens_q"), attention_mask, batch_size, length
+            )
         longest = total
         if sequence_ids is not None:  # the limit is per packed sequence (ids made unique across rows first)
             rows = torch.arange(batch_size, device=device)[:, None] * (length + 1)
@@ -428,8 +448,9 @@ class CpmBeeModel(CpmBeePreTrainedModel):
             )
 
         structure = CpmBeeStructure.build(
-            batch_size, total, device, input_id_subs, context, segment_ids, segment_rel_offset, num_segments, segment_rel
-        )
+            batch_size, total, device, input_id_subs, context, segment_ids, segment_rel_offset, num_segments, segment_rel,
+            attention_mask,
+        )  # fmt: skip
         sub_ids = structure.sub_ids[:, past_length:]
         if inputs_embeds is None:
             input_ids, ext_sub_ids = self.resolve_ext_ids(input_ids, ext_table_ids, ext_table_sub)
@@ -470,6 +491,20 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         )
 
 
+def generate_with_cpmbee_decoding(generate, config: CpmBeeConfig, generation_config, inputs, kwargs: dict):
+    """Runs `generate` (a bound `GenerationMixin.generate`) with this call's CPM-Bee decoding applied; a streamer held
+    back from a beam search gets the final answer when it is known. Shared by the models that own CPM-Bee's rules."""
+    input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+    check_streamed_batch(kwargs.get("streamer"), input_ids)
+    kwargs, streamer = cpmbee_generate_kwargs(
+        kwargs, input_ids.shape[-1], config.vocab_size, config.unk_token_id, generation_config
+    )
+    output = generate(inputs, **kwargs)
+    if streamer is not None:
+        stream_final_answer(streamer, input_ids, output)
+    return output
+
+
 class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
     """CPM-Bee with its tied output head; logits are `[vocabulary columns, one column per ext-table entry]`."""
 
@@ -487,15 +522,6 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
-    def decoding_generate_kwargs(self, input_ids: torch.Tensor, kwargs: dict, generation_config=None) -> dict:
-        """`generate` arguments that apply the original VisCPM decoding (`cpmbee_decoding`) to one call.
-
-        The model that calls `generate` (this one, or a multimodal model around it) passes its own generation config.
-        """
-        return cpmbee_generate_kwargs(
-            kwargs, input_ids.shape[-1], self.config.vocab_size, generation_config or self.generation_config
-        )
-
     def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
         """Keeps the 2D padding mask under a static cache: CPM-Bee builds its attention from the prompt structure."""
         return attention_mask
@@ -503,14 +529,16 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
     def generate(self, inputs: torch.Tensor | None = None, **kwargs):
         """transformers' `generate`, plus two things CPM-Bee needs per call: a prompt given by its ids alone (all that
         `pipeline("text-generation")` passes) gets its structural inputs read back from the ids
-        ([`~prompt_cpmbee.flat_prompt_structure`]), and `cpmbee_decoding` becomes this call's decoding
-        ([`~generation_cpmbee.cpmbee_generate_kwargs`])."""
+        ([`~prompt_cpmbee.flat_prompt_structure`]), and `cpmbee_decoding` (the call's, else the passed generation
+        config's, else the model's) becomes this call's decoding ([`~generation_cpmbee.cpmbee_generate_kwargs`])."""
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         if input_ids is None:
             return super().generate(inputs, **kwargs)
-        if input_ids.shape[-1] > 0 and kwargs.get("segment_ids") is None and bool((input_ids == ROOT_ID).any()):
-            kwargs.update(flat_prompt_structure(input_ids, kwargs.get("attention_mask")))
-        return super().generate(inputs, **self.decoding_generate_kwargs(input_ids, kwargs))
+        root = self.config.root_token_id
+        if input_ids.shape[-1] > 0 and kwargs.get("segment_ids") is None and bool((input_ids == root).any()):
+            token_ids = PromptTokenIds.of_config(self.config)
+            kwargs.update(flat_prompt_structure(input_ids, token_ids, kwargs.get("attention_mask")))
+        return generate_with_cpmbee_decoding(super().generate, self.config, self.generation_config, inputs, kwargs)
 
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")

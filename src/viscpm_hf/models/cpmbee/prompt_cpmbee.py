@@ -38,8 +38,33 @@ ANSWER_KEY = "<ans>"
 IMAGE_KEY = "image"
 MAX_RELATION_DEPTH = 7  # depths below the common ancestor are clipped here in segment_rel
 IGNORE_INDEX = -100
-# Fixed ids of CPM-Bee's vocabulary that delimit a flattened prompt.
-UNK_ID, BOS_ID, EOS_ID, ROOT_ID, ANSWER_ID = 1, 6, 7, 8, 9
+
+
+@dataclass(frozen=True)
+class PromptTokenIds:
+    """The vocabulary ids that delimit a flattened prompt, read from the tokenizer or the model config."""
+
+    unk: int
+    bos: int
+    eos: int
+    root: int
+    answer: int
+
+    @classmethod
+    def of_tokenizer(cls, tokenizer: "CpmBeeTokenizer") -> "PromptTokenIds":
+        unk, bos, eos, root, answer = tokenizer.convert_tokens_to_ids(["<unk>", "<s>", "</s>", "<root>", ANSWER_KEY])
+        return cls(unk=unk, bos=bos, eos=eos, root=root, answer=answer)
+
+    @classmethod
+    def of_config(cls, config) -> "PromptTokenIds":
+        """From a [`CpmBeeConfig`] (its `unk_token_id`, `bos_token_id`, ... as the converter wrote them)."""
+        return cls(
+            unk=config.unk_token_id,
+            bos=config.bos_token_id,
+            eos=config.eos_token_id,
+            root=config.root_token_id,
+            answer=config.answer_token_id,
+        )
 
 
 @dataclass
@@ -465,7 +490,9 @@ def pad_model_prompts(prompts: Sequence[CpmBeeModelPrompt], padding_side: str = 
     }
 
 
-def flat_prompt_structure(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def flat_prompt_structure(
+    input_ids: torch.Tensor, token_ids: PromptTokenIds, attention_mask: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """Structural inputs of generation prompts (`model_prompt` of a dict of strings) read back from their ids.
 
     Segments are delimited by `<s>`/`</s>` (user text cannot hold them: it is escaped), and in a dict of strings they
@@ -484,22 +511,22 @@ def flat_prompt_structure(input_ids: torch.Tensor, attention_mask: torch.Tensor 
     for row, (ids, keep) in enumerate(zip(input_ids.tolist(), mask)):
         positions = [i for i, real in enumerate(keep) if real]
         tokens = [ids[i] for i in positions]
-        if UNK_ID in tokens:
+        if token_ids.unk in tokens:
             raise ValueError(
                 "The prompt holds text outside CPM-Bee's vocabulary (<unk>), which input_ids alone cannot describe; "
                 + fix + "."
             )
-        starts = [i for i, token in enumerate(tokens) if token == BOS_ID]
+        starts = [i for i, token in enumerate(tokens) if token == token_ids.bos]
         spans = list(zip(starts, [*starts[1:], len(tokens)]))
-        closed = [tokens[end - 1] == EOS_ID and EOS_ID not in tokens[start : end - 1] for start, end in spans]
+        closed = [tokens[end - 1] == token_ids.eos and token_ids.eos not in tokens[start : end - 1] for start, end in spans]
         if (
             not starts
             or starts[0] != 0
-            or tokens[:3] != [BOS_ID, ROOT_ID, EOS_ID]
+            or tokens[:3] != [token_ids.bos, token_ids.root, token_ids.eos]
             or len(spans) % 2 == 0
             or not all(closed[:-1])
-            or tokens[spans[-1][0] :] != [BOS_ID]
-            or tokens[spans[-2][0] : spans[-2][1]] != [BOS_ID, ANSWER_ID, EOS_ID]
+            or tokens[spans[-1][0] :] != [token_ids.bos]
+            or tokens[spans[-2][0] : spans[-2][1]] != [token_ids.bos, token_ids.answer, token_ids.eos]
         ):
             raise ValueError(
                 f"Row {row} of input_ids is not a CPM-Bee generation prompt of a dict of strings (<s><root></s>, "
@@ -533,6 +560,7 @@ __all__ = [
     "CpmBeeModelPrompt",
     "CpmBeeGenerationPrompt",
     "CpmBeePrompt",
+    "PromptTokenIds",
     "caption_prompt",
     "caption_template",
     "collate_prompts",

@@ -20,6 +20,7 @@ remembers, so `decode` can map them back.
 import copy
 import json
 import os
+import warnings
 from functools import cached_property
 from typing import Literal
 
@@ -49,6 +50,12 @@ from .prompt_cpmbee import (
 
 
 VOCAB_FILES_NAMES = {"vocab_file": "vocab.txt"}
+UNNAMED_EXT_IDS = (
+    "{count} id(s) of the text are out-of-vocabulary strings of its prompt (ids >= vocab_size), which only the "
+    "prompt's ext table names: they read '<unk>'. model.chat() keeps them; after generate, decode with "
+    "processor.decode(ids, ext_table=processor.ext_tables(prompt)[0]); a TextStreamer takes ext_table= as a decode "
+    "argument."
+)
 
 class CpmBeeTokenizer(PreTrainedTokenizer):
     r"""
@@ -347,7 +354,10 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
         if ids and isinstance(ids[0], list):  # a batch, as transformers' decode accepts
             return [self.decode(row, skip_special_tokens, ext_table, **kwargs) for row in ids]
         if self.prompt_format == "structured":  # ext ids name per-prompt strings: only the prompt's table knows them
-            ext_table = {i: self.unk_token for i in map(int, ids) if i >= self.vocab_size} | (ext_table or {})
+            unnamed = [i for i in map(int, ids) if i >= self.vocab_size and i not in (ext_table or {})]
+            if unnamed:
+                warnings.warn(UNNAMED_EXT_IDS.format(count=len(unnamed)), stacklevel=2)
+            ext_table = {i: self.unk_token for i in unnamed} | (ext_table or {})
         if not ext_table:
             return super().decode(ids, skip_special_tokens=skip_special_tokens, **kwargs)
         special = set(self.all_special_ids)

@@ -1,6 +1,6 @@
 """Configuration of VisCPM-Chat: a vision tower, the MPM bridge and any causal LLM as the pivot."""
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
@@ -47,6 +47,10 @@ class VisCPMChatConfig(PreTrainedConfig):
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
     }
 
+    # LLMs whose chat model needs a class of its own (text `model_type` -> its config class, entered by that model's
+    # package). A folder saved with the generic type and such an LLM loads as the specific one.
+    llm_specific_configs: ClassVar[dict[str, type["VisCPMChatConfig"]]] = {}
+
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
     image_token_id: int | None = None
@@ -57,6 +61,15 @@ class VisCPMChatConfig(PreTrainedConfig):
     vision_feature_layer: int = -1
     projector_hidden_act: str = "gelu"
     initializer_range: float = 0.02
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        text_config = config_dict.get("text_config")
+        text_type = text_config.get("model_type") if isinstance(text_config, dict) else None
+        specific = cls.llm_specific_configs.get(text_type)
+        if cls is VisCPMChatConfig and specific is not None:
+            return specific.from_dict({**config_dict, "model_type": specific.model_type}, **kwargs)
+        return super().from_dict(config_dict, **kwargs)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

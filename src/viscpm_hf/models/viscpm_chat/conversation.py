@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers import TextStreamer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 
@@ -65,12 +66,12 @@ def chat(
     if image_features is not None:
         generate_kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=image_features)}
 
+    decode_kwargs = processor.answer_decode_kwargs(messages)
+    streamer = generate_kwargs.get("streamer")
+    if isinstance(streamer, TextStreamer):  # it decodes as the answer below does
+        streamer.decode_kwargs = {**decode_kwargs, **streamer.decode_kwargs}
     output_ids = model.generate(**inputs, **generate_kwargs)
     prompt_length = inputs["input_ids"].shape[1]
-    decode_kwargs = {}
-    if hasattr(processor.tokenizer, "output_ext_tables"):  # CPM-Bee: the prompt's own out-of-vocabulary strings
-        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-        decode_kwargs["ext_table"] = processor.tokenizer.output_ext_tables(prompt)[0]
     answer = processor.decode(output_ids[0, prompt_length:], skip_special_tokens=True, **decode_kwargs).strip()
     messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
     return answer, VisCPMChatHistory(messages=messages, image_features=image_features)

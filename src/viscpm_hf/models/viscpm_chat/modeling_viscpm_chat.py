@@ -2,10 +2,10 @@
 
 Data flow (MPM paper, section 3.2): pixels -> vision tower -> bridge (learned queries, then the mapping MLP)
 -> `num_query_tokens` embeddings per image, scattered into the LLM's input embeddings at the image placeholder
-positions -> the LLM, with its own head (so Gemma's soft-capping or CPM-Bee's extra logits keep working).
+positions -> the LLM, with its own head (so Gemma's soft-capping keeps working). An LLM whose inputs or decoding
+need more gets a chat model class of its own, subclassing these (as transformers gives LLaVA variants theirs).
 """
 
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -337,9 +337,11 @@ class VisCPMChatModel(VisCPMChatPreTrainedModel):
 class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMixin):
     """VisCPM-Chat with the LLM's own head: `forward` gives logits (and the loss), `generate` and `chat` answer."""
 
+    base_model_class = VisCPMChatModel  # a model class for one LLM family may bring its own
+
     def __init__(self, config: VisCPMChatConfig):
         super().__init__(config)
-        self.model = VisCPMChatModel(config)
+        self.model = self.base_model_class(config)
         self.post_init()
         self.generation_config.update(**PAPER_GENERATION_DEFAULTS)
         self.generation_config._from_model_config = False  # the defaults above are ours, not the LLM config's
@@ -379,19 +381,9 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         return model_inputs
 
     def generate(self, inputs: torch.Tensor | None = None, **kwargs):
-        """transformers' `generate`; an LLM with decoding rules of its own (CPM-Bee: the original VisCPM generator's,
-        `cpmbee_decoding`) turns them into this call's arguments, so nothing is stored on the shared model."""
+        """transformers' `generate`, with `num_beams` checked first (see `check_num_beams`)."""
         check_num_beams(kwargs.get("num_beams", (kwargs.get("generation_config") or self.generation_config).num_beams))
-        contribute = getattr(self.model.llm, "decoding_generate_kwargs", None)
-        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
-        if contribute is not None and input_ids is not None:
-            kwargs = contribute(input_ids, kwargs, generation_config=self.generation_config)
         return super().generate(inputs, **kwargs)
-
-    def _validate_model_kwargs(self, model_kwargs: dict) -> None:
-        # `forward` hands unknown keyword arguments to the LLM: its own inputs (CPM-Bee's segments, ...) are valid.
-        llm_inputs = set(inspect.signature(self.model.llm.forward).parameters)
-        super()._validate_model_kwargs({k: v for k, v in model_kwargs.items() if k not in llm_inputs})
 
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")

@@ -132,8 +132,8 @@ class VisCPMChatProcessor(ProcessorMixin):
         """transformers' `apply_chat_template` on a checked conversation (`check_conversation`), with the tokenizer's
         `<bos>` written by the template.
 
-        Message text is what people wrote, never an image placeholder: the CPM-Bee template escapes it, so a literal
-        `<mask>` reaches the model as text. A template that writes text as is (the generic one) would turn a literal
+        Message text is what people wrote, never an image placeholder: a template may escape it (then a literal
+        placeholder reaches the model as text). A template that writes text as is (the generic one) would turn a literal
         `<image>` into an image's place; that raises, unless `sanitize_control_tokens=True` (with `tokenize=True`) has
         transformers encode it as plain text.
 
@@ -176,9 +176,15 @@ class VisCPMChatProcessor(ProcessorMixin):
     @property
     def tokenizer_prepends_bos(self) -> bool:
         """Whether the tokenizer's `tokenizers` pipeline starts every text with `<bos>` (gemma, llama) or not (SmolLM2,
-        Qwen2). CPM-Bee's tokenizer has no such pipeline; its prompts have their own structure and template."""
+        Qwen2). A tokenizer without such a pipeline writes its prompts its own way."""
         backend, bos = getattr(self.tokenizer, "backend_tokenizer", None), self.tokenizer.bos_token_id
         return backend is not None and bos is not None and backend.encode("a").ids[:1] == [bos]
+
+    def answer_decode_kwargs(self, conversation: list[dict]) -> dict[str, Any]:
+        """What `decode` needs besides the ids to read an answer to `conversation` (a prompt with a generation prompt):
+        nothing for a tokenizer whose ids name the same strings in every prompt. `chat()` passes these to `decode`
+        and to a `TextStreamer`."""
+        return {}
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
         return self.image_token * self.num_image_tokens
