@@ -57,6 +57,7 @@ from tqdm.auto import tqdm
 import viscpm_hf  # noqa: F401  (registers VisCPM-Paint with diffusers)
 from viscpm_hf import VisCPMPaintPipeline
 from viscpm_hf.hub import check_hub_target, derived_metadata, missing_metadata, push_to_hub, write_card
+from viscpm_hf.integrations.hub_kernels import disable_hub_kernels_when_offline
 from viscpm_hf.training.paint import (
     CaptionEncoder,
     EpochSampler,
@@ -594,6 +595,7 @@ def upload(folder: Path, args: argparse.Namespace, message: str) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Runs a training; returns the log records (step, epoch, loss, lr) of the steps this run made."""
+    disable_hub_kernels_when_offline()
     args = parse_args(argv)
     check_args(args)
 

@@ -1,33 +1,37 @@
 """`viscpm-serve` (transformers' own `transformers serve`) answers OpenAI chat completions with VisCPM-Chat folders.
 
 Each server is a subprocess on 127.0.0.1 and a free port, ready once `/health` answers, always ended; the two start
-together. Their answers, streamed or not, must equal `generate` on the same messages and decoding: for a tiny
-Qwen2-based VisCPM-Chat (the image as a data URI, raw base64, a local path and a file:// URI) and for the converted
-CPM-Bee one (a data URI: the image forms are the processor's, the same for both).
+together, one through the console script `viscpm-serve`, one through `python -m viscpm_hf.serving`. Their answers,
+streamed or not, must equal `generate` on the same messages and decoding: for a tiny Qwen2-based VisCPM-Chat (the
+image as a data URI, raw base64, a local path and a file:// URI) and for the converted CPM-Bee one (a data URI: the
+image forms are the processor's, the same for both).
 """
 
 import base64
-import importlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 from parity import PARITY_DIR, json_file, require_parity
 from tiny_models import make_chat_model, make_processor, random_image
 from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers.cli.serving import model_manager
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 from transformers.utils.import_utils import is_serve_available
 
 import viscpm_hf
 from viscpm_hf.convert.chat import convert_chat
+from viscpm_hf.integrations import transformers_serve
 
 
 if not is_serve_available():
@@ -41,16 +45,22 @@ IMAGE_FORMS = ["data_uri", "base64", "path", "file_uri"]
 CASES = [("generic", form) for form in IMAGE_FORMS] + [("cpmbee", "data_uri")]
 
 
-class Server:
-    """`python -m viscpm_hf.serving FOLDER` on a free port of 127.0.0.1, its output in `log`."""
+def console_script() -> list[str]:
+    """`viscpm-serve` as pip installed it for this interpreter."""
+    script = shutil.which("viscpm-serve", path=sysconfig.get_path("scripts"))
+    assert script, "no viscpm-serve console script: install the project (pip install -e '.[serve]')"
+    return [script]
 
-    def __init__(self, folder: Path, log: Path):
+
+class Server:
+    """`launcher FOLDER` (`viscpm-serve FOLDER` or the like) on a free port of 127.0.0.1, its output in `log`."""
+
+    def __init__(self, launcher: list[str], folder: Path, log: Path):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         self.url, self.log = f"http://127.0.0.1:{port}", log
-        command = [sys.executable, "-m", "viscpm_hf.serving", str(folder), "--host", "127.0.0.1", "--port", str(port),
-                   "--device", "cpu"]  # fmt: skip
+        command = [*launcher, str(folder), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
         with open(log, "wb") as output:
             self.process = subprocess.Popen(
                 command, stdout=output, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -126,10 +136,11 @@ def servers(tmp_path_factory):
     folders = {"generic": generic_folder(parent)}
     if PARITY_DIR.is_dir():
         folders["cpmbee"] = cpmbee_folder(parent)
+    launchers = {"generic": console_script(), "cpmbee": [sys.executable, "-m", "viscpm_hf.serving"]}
     started = {}
     try:
         for name, (folder, _) in folders.items():
-            started[name] = Server(folder, parent / f"{name}.log")
+            started[name] = Server(launchers[name], folder, parent / f"{name}.log")
         loaded = {}
         for name, (folder, greedy) in folders.items():  # loaded here while the servers load theirs
             model = AutoModelForImageTextToText.from_pretrained(folder).eval()
@@ -172,6 +183,8 @@ def openai_turn(url: str) -> list[dict]:
 def chat(served: Served, messages: list, stream: bool, **fields) -> dict:
     """One chat completion: the answer's text, finish reason and usage (the chunks joined when streamed)."""
     body = {"messages": messages, "max_tokens": MAX_TOKENS, "stream": stream, **fields}
+    if stream:  # OpenAI's way to get the usage of a stream (transformers 5.25 sends it only then; 5.24 always does)
+        body["stream_options"] = {"include_usage": True}
     request = urllib.request.Request(
         f"{served.server.url}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
     )
@@ -188,9 +201,10 @@ def chat(served: Served, messages: list, stream: bool, **fields) -> dict:
     chunks = [json.loads(line.removeprefix("data: ")) for line in payload.splitlines() if line.startswith("data: {")]
     errors = [chunk["error"] for chunk in chunks if "error" in chunk]
     assert not errors, f"{errors}; the server said:\n{served.server.output()}"
-    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
-    text = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks)
-    return {"text": text, "finish_reason": chunks[-1]["choices"][0]["finish_reason"], "usage": chunks[-1]["usage"]}
+    choices = [chunk["choices"][0] for chunk in chunks if chunk["choices"]]  # the usage chunk may have none
+    assert choices[0]["delta"]["role"] == "assistant"
+    text = "".join(choice["delta"].get("content") or "" for choice in choices)
+    return {"text": text, "finish_reason": choices[-1]["finish_reason"], "usage": chunks[-1]["usage"]}
 
 
 def generated(served: Served, **decoding) -> tuple[str, int]:
@@ -210,16 +224,18 @@ def generated(served: Served, **decoding) -> tuple[str, int]:
 
 def test_serve_finds_the_chat_model_by_name_and_as_an_image_text_to_text_model():
     """What serve looks up instead of the Auto classes: `getattr(transformers, architecture)` and the VLM table."""
-    transformers_module = importlib.import_module("transformers")  # as serve's `import transformers` sees it
+    transformers_serve.register()  # as importing viscpm_hf.serving does
+    transformers_module = model_manager.transformers  # the module serve's loader looks architectures up in
     assert transformers_module.VisCPMChatForConditionalGeneration is viscpm_hf.VisCPMChatForConditionalGeneration
     assert transformers_module.CpmBeeForCausalLM is viscpm_hf.CpmBeeForCausalLM
     assert MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES["viscpm_chat"] == "VisCPMChatForConditionalGeneration"
 
 
 def test_a_converted_folder_names_its_architecture(servers):
+    """An architecture serve finds by name (see test above)."""
     require_parity()
     config = json.loads((servers["cpmbee"].folder / "config.json").read_text())
-    assert config["architectures"] == ["VisCPMChatForConditionalGeneration"]
+    assert config["architectures"] in [[head.__name__] for head in transformers_serve.CHAT_HEADS.values()]
 
 
 # --- answers ------------------------------------------------------------------------------------------------
@@ -261,3 +277,20 @@ def test_the_openai_client(servers, image_file):
     assert client.chat.completions.create(**request).choices[0].message.content == expected
     chunks = client.chat.completions.create(**request, stream=True)
     assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == expected
+
+
+def test_a_program_that_imports_viscpm_hf_serving_only_when_run(servers, image_file, tmp_path):
+    """transformers 5.25 loads the model in a spawned process, which re-runs the main module but not its
+    `if __name__ == "__main__":` block: the model's process must know viscpm_hf all the same."""
+    program = tmp_path / "serve.py"
+    program.write_text('if __name__ == "__main__":\n    from viscpm_hf.serving import main\n\n    main()\n')
+    served = servers["generic"]
+    server = Server([sys.executable, str(program)], served.folder, tmp_path / "serve.log")
+    try:
+        server.wait_until_ready()
+        expected, _ = generated(served, **served.greedy)
+        answer = chat(replace(served, server=server), openai_turn(image_url("data_uri", image_file)), stream=False,
+                      generation_config=json.dumps(served.greedy))  # fmt: skip
+        assert expected and answer["text"] == expected
+    finally:
+        server.stop()

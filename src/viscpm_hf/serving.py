@@ -7,8 +7,8 @@ unchanged, after importing viscpm_hf and `integrations.transformers_serve`:
     viscpm-serve path/to/viscpm-chat --host 127.0.0.1 --port 8000
     python -m viscpm_hf.serving path/to/viscpm-chat --port 8000     # the same, without the console script
 
-Since transformers 5.25 the model runs in a process of its own, started with `spawn`: that process re-imports the
-main module (this one, or the console script that imports it), so the registration happens here, at import time.
+Since transformers 5.25 the model runs in a process of its own, started with `spawn`: `transformers_serve.register()`
+makes that process import viscpm_hf and register too, whatever main module started the server.
 It needs transformers' serving extras (`pip install "viscpm-hf[serve]"`: FastAPI, Uvicorn, openai).
 """
 

@@ -3,8 +3,8 @@
 serve's `ModelLoader` loads `getattr(transformers, config.architectures[0])`, and calls a model a VLM (the modality
 that turns `image_url` parts into images) only when its class name is a value of
 `MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES`. Neither sees `AutoModel.register`. So the generative heads are set on
-the `transformers` module that loader reads, and the chat models are entered in that table (a dict mutated in place: every module that
-imported it sees the entry). Idempotent; imported by `viscpm_hf.serving` only.
+the `transformers` module that loader reads, and the chat models are entered in that table (a dict mutated in place:
+every module that imported it sees the entry). Idempotent; imported by `viscpm_hf.serving` only.
 
 Since transformers 5.25 the model loads in a process serve spawns (and so do its API servers, with
 `--api-server-count`). Such a process re-runs the main module, which need not import viscpm_hf (`python -c`, an
