@@ -81,6 +81,7 @@ def expected_answers() -> list[str]:
     return [first, second]
 
 
+@pytest.mark.slow  # the demo server loads both default models (and this process the chat one) before a browser drives it
 def test_chat_and_paint_in_chromium(tmp_path):
     chromium = find_chromium()
     if chromium is None:

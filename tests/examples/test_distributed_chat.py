@@ -70,14 +70,20 @@ def test_fsdp2_shards_the_papers_model_on_cpu_and_trains_as_one_process(cpmbee_c
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     arguments = ["fsdp", str(cpmbee_chat), str(data)]
-    single = subprocess.run([sys.executable, str(WORKER), *arguments, str(tmp_path / "one"), names],
-                            capture_output=True, text=True, timeout=300, env=ENV)  # fmt: skip
-    assert single.returncode == 0, single.stderr[-3000:]
-    sharded = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         str(WORKER), *arguments, str(tmp_path / "two"), names],
-        capture_output=True, text=True, timeout=400, env=ENV,
-    )  # fmt: skip
+    # The unsharded process runs beside the sharded pair (one thread each; it mostly imports while they do).
+    with open(tmp_path / "one.log", "w") as log:
+        single = subprocess.Popen([sys.executable, str(WORKER), *arguments, str(tmp_path / "one"), names],
+                                  stdout=log, stderr=subprocess.STDOUT, env=ENV)  # fmt: skip
+    try:
+        sharded = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+             str(WORKER), *arguments, str(tmp_path / "two"), names],
+            capture_output=True, text=True, timeout=400, env=ENV,
+        )  # fmt: skip
+        assert single.wait(timeout=300) == 0, (tmp_path / "one.log").read_text()[-3000:]
+    finally:
+        single.kill()
+        single.wait()
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     one = json.loads((tmp_path / "one" / "rank0.json").read_text())
     ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from gguf_once import gguf_parsed_once
 
 from viscpm_hf.hub import load_card
 
@@ -22,6 +23,16 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True)
+def parse_each_gguf_once():
+    """Where the LLM's cache is still empty (a new machine, a new converter format), converting it into the cache
+    reads its GGUF metadata once, not once per from_pretrained (see gguf_once.py)."""
+    with gguf_parsed_once():
+        yield
+
+
+@pytest.mark.slow  # three train_chat.py runs of SmolLM2 with the EfficientNet tower, each a process of its own
+@pytest.mark.timeout(600)  # 80 s on 2 quiet cores, 250 s when other work shares them
 def test_both_stages_the_language_sweep_and_the_exported_adapter(tmp_path):
     import chat_openmoji
     import torch

@@ -108,8 +108,8 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_trajectory
     options = ["--max_steps", str(steps), "--save_strategy", "steps", "--save_steps", "1", "--save_total_limit", "2",
                "--resume_from_checkpoint", "latest"]  # fmt: skip
     script = [sys.executable, str(ROOT / "examples" / "train_chat.py")]
+    # The uninterrupted run, beside the killed ones (each process has one thread; the machine two cores).
     reference = Run([*script, *arguments(cpmbee_chat, chat_workspace, tmp_path / "straight", *options)], tmp_path / "straight.log")
-    assert reference.finish() == 0, reference.log.read_text()[-3000:]
 
     out = tmp_path / "killed"
     command = [*script, *arguments(cpmbee_chat, chat_workspace, out, *options)]
@@ -118,17 +118,26 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_trajectory
     # checkpoint (mid-step, or mid-save), and inside a later save.
     plan = [("during a save", saving(out, 2)), ("at random", completed(out, 3)), ("during a save", saving(out, 5))]
     kills, left_incomplete = [], []
-    for number, (where, condition) in enumerate(plan):
-        run = Run(command, tmp_path / f"killed-{number}.log")
-        assert run.wait_until(condition), f"run {number} ended before the kill point: {run.log.read_text()[-3000:]}"
-        if where == "at random":  # but early enough that the last kill still finds a save to land in
-            deadline = time.monotonic() + rng.uniform(0.0, 1.5)
-            assert run.wait_until(lambda: time.monotonic() >= deadline or completed(out, 4)())
-        run.kill()
-        kills.append((where, run.process.returncode))
-        left_incomplete += [p.name for p in checkpoint_folders(out) if checkpoint_problem(p) is not None]
-    final = Run(command, tmp_path / "final.log")
-    assert final.finish() == 0, final.log.read_text()[-3000:]
+    logs = [tmp_path / f"killed-{number}.log" for number in range(len(plan))] + [tmp_path / "final.log"]
+    upcoming = Run(command, logs[0])
+    try:
+        for number, (where, condition) in enumerate(plan):
+            run = upcoming.release()  # the previous run is dead: this one starts from what it left
+            upcoming = Run(command, logs[number + 1], held=True)  # imports while this one runs, starts when released
+            assert run.wait_until(condition), f"run {number} ended before the kill point: {run.log.read_text()[-3000:]}"
+            if where == "at random":  # but early enough that the last kill still finds a save to land in
+                deadline = time.monotonic() + rng.uniform(0.0, 1.5)
+                assert run.wait_until(lambda: time.monotonic() >= deadline or completed(out, 4)())
+            run.kill()
+            kills.append((where, run.process.returncode))
+            left_incomplete += [p.name for p in checkpoint_folders(out) if checkpoint_problem(p) is not None]
+        final = upcoming.release()
+        assert final.finish() == 0, final.log.read_text()[-3000:]
+        assert reference.finish() == 0, reference.log.read_text()[-3000:]
+    finally:
+        for process in (upcoming, reference):
+            if process.process.poll() is None:  # a failed assertion above: no process outlives the test
+                process.kill()
 
     assert [code for _, code in kills] == [-signal.SIGKILL] * len(plan)
     assert left_incomplete, "no kill landed inside a save"

