@@ -4,8 +4,25 @@ a small image-chat workspace, and the tiny VisCPM-Paint workspace."""
 from pathlib import Path
 
 import pytest
+import torch
 from example_scripts import build_paint_workspace, write_chat_data
 from parity import PARITY_DIR, json_file, require_parity
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread(request):
+    """The tiny models these tests train in this process, on one thread, as their subprocesses (OMP_NUM_THREADS=1).
+    Two threads are about 10% faster on 2 idle cores, but several times slower as soon as other work shares the cores
+    (each of the thousands of tiny ops waits for both threads: a 20-step train_paint.py run took 3.2 s with 2 threads
+    and 3.6 s with 1 on idle cores, 17.5 s and 6.0 s beside two busy processes). A module that runs bigger models in
+    this process (the MPM experiments) sets `TORCH_THREADS = None` to keep torch's default."""
+    if getattr(request.module, "TORCH_THREADS", 1) is None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+TORCH_THREADS = None  # the experiment asks SmolLM2 and scores with multilingual-e5 in this process: torch's default
+
 @pytest.fixture(autouse=True)
 def parse_each_gguf_once():
     """Where the LLM's cache is still empty (a new machine, a new converter format), converting it into the cache

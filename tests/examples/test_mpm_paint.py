@@ -18,6 +18,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+TORCH_THREADS = None  # the experiment encodes with e5 and MiniLM and scores with Inception here: torch's default
+
 # Captions of this many emoji outside the experiment per language (the script's 200 in a real run) give its language
 # directions and translation offsets: the text-only statistics, encoded by both encoders in all 14 languages, cost
 # more than the rest of the smoke run together.
