@@ -63,7 +63,7 @@ def main() -> None:
     ).eval()
     byte_tokenizer = build_byte_level_tokenizer(add_bos_token=True)
     byte_tokenizer.model_max_length = 77
-    bee_tokenizer = CpmBeeTokenizer(vocab_file=args.vocab) if args.vocab else None
+    bee_tokenizer = CpmBeeTokenizer(vocab_file=args.vocab, prompt_format="caption") if args.vocab else None
     viscpm = VisCPMPaintPipeline(
         tokenizer=bee_tokenizer or byte_tokenizer, text_encoder=llm, transblock=VisCPMTransBlock(512, 512),
         unet=unet, vae=vae, scheduler=scheduler,

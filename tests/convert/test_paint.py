@@ -186,8 +186,9 @@ def test_the_pipeline_loads_the_folder_and_samples_as_the_original(converted):
 
 
 def test_folders_converted_before_the_caption_format_encode_the_same(converted, tmp_path):
-    """Earlier conversions saved the tokenizer in its plain-text format and without a limit; the pipeline asks it for
-    its caption format, so the old folder conditions the UNet exactly as a new one, and saving it writes the format."""
+    """Earlier conversions saved the tokenizer in its plain-text format and without a limit; CPM-Bee's tokenizer loads
+    a Paint folder's in its caption format, so the old folder conditions the UNet exactly as a new one, and saving it
+    writes the format. A plain-text tokenizer saved anywhere else stays plain text."""
     config_path = converted / "tokenizer" / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     assert (config["prompt_format"], config["model_max_length"]) == ("caption", 3000)
@@ -195,7 +196,10 @@ def test_folders_converted_before_the_caption_format_encode_the_same(converted, 
     shutil.copytree(converted, old)
     config.update(prompt_format="text", model_max_length=int(1e30))  # what the converter wrote before
     (old / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(config))
-    assert CpmBeeTokenizer.from_pretrained(old / "tokenizer").prompt_format == "text"
+    assert CpmBeeTokenizer.from_pretrained(old / "tokenizer").prompt_format == "caption"
+    assert CpmBeeTokenizer.from_pretrained(old, subfolder="tokenizer").prompt_format == "caption"
+    shutil.copytree(old / "tokenizer", tmp_path / "alone")
+    assert CpmBeeTokenizer.from_pretrained(tmp_path / "alone").prompt_format == "text"
     new_pipe, old_pipe = VisCPMPaintPipeline.from_pretrained(converted), VisCPMPaintPipeline.from_pretrained(old)
     assert old_pipe.tokenizer.prompt_format == "caption"
     assert old_pipe.max_prompt_length == new_pipe.max_prompt_length == 3000

@@ -228,7 +228,7 @@ def test_caption_encoder_builds_cpmbee_prompts_as_the_pipeline(pipe):
     from viscpm_hf import CpmBeeConfig, CpmBeeModel, CpmBeeTokenizer
 
     require_parity()
-    tokenizer = CpmBeeTokenizer(vocab_file=str(PARITY_DIR / "cpmbee_vocab.txt"))
+    tokenizer = CpmBeeTokenizer(vocab_file=str(PARITY_DIR / "cpmbee_vocab.txt"), prompt_format="caption")
     torch.manual_seed(0)
     config = CpmBeeConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                           head_dim=8, intermediate_size=64)  # fmt: skip

@@ -119,14 +119,13 @@ def test_the_tokenizers_own_limit_counts_when_it_is_lower(pipe, caplog):
 
 
 def cpmbee_pipeline(pipe, max_position_embeddings=None):
-    """The tiny pipeline with a CPM-Bee text encoder; its tokenizer is given in the plain-text format, as Paint folders
-    converted before the caption format saved it."""
+    """The tiny pipeline with a CPM-Bee text encoder and its tokenizer in the caption format, as the converter saves it."""
     from parity import PARITY_DIR, require_parity
 
     from viscpm_hf import CpmBeeConfig, CpmBeeModel, CpmBeeTokenizer
 
     require_parity()
-    tokenizer = CpmBeeTokenizer(vocab_file=str(PARITY_DIR / "cpmbee_vocab.txt"))
+    tokenizer = CpmBeeTokenizer(vocab_file=str(PARITY_DIR / "cpmbee_vocab.txt"), prompt_format="caption")
     torch.manual_seed(0)
     config = CpmBeeConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                           head_dim=8, intermediate_size=64, max_position_embeddings=max_position_embeddings)  # fmt: skip
@@ -136,7 +135,6 @@ def cpmbee_pipeline(pipe, max_position_embeddings=None):
 def test_cpmbee_prompts_keep_their_structure_and_lose_caption_tokens_only(pipe, caplog):
     prompt = "a watercolor painting of a lighthouse at dawn, with gulls over the waves " * 3
     unlimited = cpmbee_pipeline(pipe)
-    assert unlimited.tokenizer.prompt_format == "caption"  # asked for by the pipeline
     assert unlimited.max_prompt_length == 3000  # the caption limit: the encoder's relative positions set none
     limited = cpmbee_pipeline(pipe, max_position_embeddings=40)
     full = limited.tokenizer([prompt])["input_ids"][0]
@@ -206,7 +204,8 @@ def test_the_pipeline_knows_no_tokenizer_by_name():
 
     for path in Path(pipelines.__file__).parent.rglob("*.py"):
         source = path.read_text(encoding="utf-8")
-        found = sorted({word for word in ("cpmbee", "prompt_format") if word in source.lower()})
+        words = ("cpmbee", "cpm-bee", "prompt_format", "caption_format", "hasattr(")
+        found = sorted({word for word in words if word in source.lower()})
         assert not found, f"{path} names {found}"
 
 

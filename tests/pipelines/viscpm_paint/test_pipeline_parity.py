@@ -32,7 +32,7 @@ def pipe():
     )
     scheduler_config = DDPMScheduler.load_config(PARITY_DIR / "paint_tiny" / "scheduler")
     return VisCPMPaintPipeline(
-        tokenizer=CpmBeeTokenizer(vocab_file=str(PARITY_DIR / "cpmbee_vocab.txt")),
+        tokenizer=CpmBeeTokenizer(vocab_file=str(PARITY_DIR / "cpmbee_vocab.txt"), prompt_format="caption"),
         text_encoder=text_encoder,
         transblock=transblock,
         unet=UNet2DConditionModel.from_pretrained(PARITY_DIR / "paint_tiny" / "unet"),

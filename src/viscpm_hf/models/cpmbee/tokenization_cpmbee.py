@@ -329,13 +329,22 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
         return BatchEncoding(encoded, tensor_type=return_tensors)
 
     def with_caption_format(self) -> "CpmBeeTokenizer":
-        """This tokenizer with `prompt_format="caption"` (itself if it has it). VisCPM-Paint asks for it: a pipeline
-        folder converted before the format existed saved its tokenizer with "text"."""
+        """This tokenizer with `prompt_format="caption"` (itself if it has it)."""
         if self.prompt_format == "caption":
             return self
         captions = copy.copy(self)
         captions._use_caption_format()
         return captions
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "CpmBeeTokenizer":
+        """As any tokenizer's; the tokenizer of a VisCPM-Paint folder converted before the caption format existed
+        (saved as "text") loads in the caption format, which builds the prompts the released model was trained on."""
+        tokenizer = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        folder = os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        if tokenizer.prompt_format == "text" and _is_paint_component(folder):
+            tokenizer = tokenizer.with_caption_format()
+        return tokenizer
 
     def _use_caption_format(self) -> None:
         self.prompt_format = "caption"
@@ -415,6 +424,19 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
         with open(path, "w", encoding="utf-8", newline="") as file:
             file.write("\n".join(FILE_SPELLINGS.get(token, token) for token in self._tokens))
         return (path,)
+
+
+def _is_paint_component(folder: str) -> bool:
+    """Whether `folder` is the tokenizer of a saved VisCPM-Paint pipeline (its parent's model_index.json names it)."""
+    folder = os.path.normpath(folder)
+    index = os.path.join(os.path.dirname(folder), "model_index.json")
+    if not os.path.isfile(index):
+        return False
+    with open(index, encoding="utf-8") as file:
+        entries = json.load(file)
+    return entries.get("_class_name") == "VisCPMPaintPipeline" and entries.get(os.path.basename(folder)) == [
+        "viscpm_hf", "CpmBeeTokenizer"
+    ]
 
 
 __all__ = ["CpmBeeTokenizer"]

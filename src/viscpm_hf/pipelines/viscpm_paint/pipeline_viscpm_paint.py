@@ -2,8 +2,7 @@
 
 A Stable Diffusion UNet and VAE are conditioned, through cross-attention, on the hidden states of a frozen LLM
 passed through the transblock. Trained on English pairs only, the model follows prompts in the LLM's other
-languages too. The tokenizer builds the text encoder's inputs; with CPM-Bee (the released weights) it builds the
-original's caption prompts.
+languages too. The tokenizer builds the text encoder's inputs, prompt structure included.
 """
 
 import contextlib
@@ -85,8 +84,8 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     Text-to-image with an LLM as the text encoder.
 
     Args:
-        tokenizer (*optional*): Any tokenizer of `text_encoder`. One that offers `with_caption_format()` (CPM-Bee's, for
-            the released weights) is used in that format, which builds the prompts the original built.
+        tokenizer (*optional*): Any tokenizer of `text_encoder`; `tokenizer(texts)` builds the encoder's inputs (the
+            converted release's tokenizer builds the original's prompts around each text).
         text_encoder (*optional*): Any transformers model whose output has `last_hidden_state`; it stays frozen.
             Without it (and the tokenizer) the pipeline denoises from `prompt_embeds` only, e.g. ones computed by
             another pipeline's `encode_prompt`.
@@ -131,11 +130,6 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         feature_extractor=None,
     ):
         super().__init__()
-        # A tokenizer with a caption format (CPM-Bee's: the original's caption prompts) is used in it, whatever format
-        # it was saved in: Paint folders converted before the format existed hold the plain-text one.
-        caption_format = getattr(tokenizer, "with_caption_format", None)
-        if caption_format is not None:
-            tokenizer = caption_format()
         text_width = None if text_encoder is None else getattr(text_encoder.config, "hidden_size", None)
         if text_width is not None and text_width != transblock.config.in_features:
             raise ValueError(
@@ -249,8 +243,8 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
         Returns `(prompt_embeds, negative_prompt_embeds, prompt_attention_mask, negative_prompt_attention_mask)`,
         embeds `(batch * num_images_per_prompt, length, cross_attention_dim)`, masks `(batch * num_images, length)`:
-        the mask of `encode_text`, which covers padded rows where the tokenizer says they condition (CPM-Bee's caption
-        prompts, as the original). Prompts longer than `max_prompt_length` are truncated with a warning.
+        the mask of `encode_text`, which covers padded rows where the tokenizer says they condition (the
+        released model's prompts, as the original). Prompts longer than `max_prompt_length` are truncated with a warning.
         `lora_scale` scales LoRA layers loaded into the text encoder, as in Stable Diffusion.
         """
         self._require_text_encoder()
@@ -289,9 +283,9 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         training caches.
 
         Texts longer than `max_length` tokens (default `max_prompt_length`) lose tokens from their end, with a warning.
-        The mask hides padding, unless the tokenizer's `conditioning_mask` says it conditions too (CPM-Bee's caption
-        prompts: the original feeds the UNet the `<pad>` rows of each prompt and its negative, padded to the longer of
-        the two); then it covers each text's pair.
+        The mask hides padding, unless the tokenizer's `conditioning_mask` says it conditions too (the released
+        model's prompts: the original feeds the UNet the `<pad>` rows of each prompt and its negative, padded to the
+        longer of the two); then it covers each text's pair.
         """
         self._require_text_encoder()
         device = device or self._execution_device
