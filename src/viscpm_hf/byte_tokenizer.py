@@ -16,9 +16,15 @@ DEFAULT_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<image>")
 def build_byte_level_tokenizer(
     special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS, add_bos_token: bool = False
 ) -> PreTrainedTokenizerFast:
-    """Special tokens take the first ids, in the order given; pad, bos and eos are the first three.
+    """A byte-level tokenizer built in code: 256 byte tokens after the special tokens, no merges, no download.
 
-    `add_bos_token` starts every encoded text with bos, so that even an empty text has a token (text encoders).
+    Args:
+        special_tokens: the special tokens; they take the first ids, in the order given. The first three are pad,
+            bos and eos; the rest (by default `<image>`) become additional special tokens.
+        add_bos_token: start every encoded text with bos, so that even an empty text has a token (text encoders).
+
+    Returns:
+        `PreTrainedTokenizerFast`: encodes any Unicode text and decodes it back exactly.
     """
     pad, bos, eos = special_tokens[:3]
     byte_tokens = sorted(pre_tokenizers.ByteLevel.alphabet())

@@ -9,7 +9,9 @@ features that `chat()` keeps in its history (the vision tower runs once per imag
 conversation. Paint: prompt (any language), negative prompt, steps, guidance, seed and number of images, with a
 progress bar over the denoising steps.
 
-The app binds 127.0.0.1 unless `--host` says otherwise. Needs the `webdemo` extra (`pip install -e ".[webdemo]"`).
+The app binds 127.0.0.1 unless `--host` says otherwise; `--share` also asks Gradio for a temporary public link.
+The first run with the defaults builds their pivots once (gemma-3-270m, multilingual-e5-small, EfficientNet-Lite0,
+about 1 GB under ~/.cache/viscpm_hf/pivots) and says so. Needs the `webdemo` extra (`pip install -e ".[webdemo]"`).
 """
 
 import argparse
@@ -43,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         f"the multilingual-e5-small pivot the MPM defaults use. Default: {DEFAULT_PAINT.relative_to(REPOSITORY)}.")
     add("--host", default="127.0.0.1", help="Address to bind; 0.0.0.0 serves the whole network.")
     add("--port", type=int, default=7860)
+    add("--share", action="store_true",
+        help="Also open a temporary public link through Gradio's share servers (needs internet access).")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Where both models run.")
     add("--max_new_tokens", type=int, default=None, help="Longest answer; default: the chat model's generation config.")
     add("--num_beams", type=int, default=None,
@@ -72,7 +76,19 @@ def _default_folder(folder: str | Path | None, default: Path, flag: str) -> Path
 
 
 def load_chat_model(folder: str | Path | None = None, device: str = "cpu"):
-    """`(model, processor)` from a VisCPM-Chat folder, or from an MPM adapter folder over its packaged LLM."""
+    """The chat model of the demo, from a VisCPM-Chat folder or from an MPM adapter folder.
+
+    An adapter folder (`adapter_config.json` and no processor files, as `examples/mpm/chat_openmoji.py
+    --export_default` writes, e.g. the shipped `examples/mpm/default/chat`) is merged into the LLM and vision tower
+    that its PyPI packages ship (`viscpm_hf.mpm.chat_models.load_chat`).
+
+    Args:
+        folder: the folder; None: the repository's trained default.
+        device: where the model runs.
+
+    Returns:
+        `(model, processor)`: the model in eval mode on `device`, and its processor.
+    """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     folder = _default_folder(folder, DEFAULT_CHAT, "--chat_model")
@@ -89,6 +105,15 @@ def load_chat_model(folder: str | Path | None = None, device: str = "cpu"):
 
 
 def load_paint_pipeline(folder: str | Path | None = None, device: str = "cpu"):
+    """The paint pipeline of the demo; a folder saved without its text encoder gets multilingual-e5-small.
+
+    Args:
+        folder: a VisCPM-Paint folder; None: the repository's trained default.
+        device: where the pipeline runs (float32 on the CPU).
+
+    Returns:
+        `VisCPMPaintPipeline`, its own progress bar off (the page shows the progress).
+    """
     from . import VisCPMPaintPipeline
 
     folder = _default_folder(folder, DEFAULT_PAINT, "--paint_model")
@@ -120,7 +145,17 @@ class ChatTab:
         self.streams = self.generate_kwargs.get("num_beams", model.generation_config.num_beams) in (None, 1)
 
     def respond(self, question: str, image, history, messages: list[dict]):
-        """Yields `(textbox, chatbot messages, history)` as the answer grows."""
+        """Answers one question of the page's conversation.
+
+        Args:
+            question: the question typed.
+            image: the uploaded PIL image (only the first turn reads it).
+            history: the `VisCPMChatHistory` of the conversation, or None before its first turn.
+            messages: the chatbot's messages so far.
+
+        Yields:
+            `(textbox, chatbot messages, history)` as the answer grows.
+        """
         import gradio as gr
         from transformers import TextIteratorStreamer
 
@@ -163,14 +198,31 @@ class ChatTab:
 
     @staticmethod
     def new_conversation():
+        """`(chatbot messages, history)` of an empty conversation."""
         return [], None
 
 
 class PaintTab:
+    """The Paint tab: one pipeline call per click, its denoising steps reported to the page."""
+
     def __init__(self, pipeline):
         self.pipeline = pipeline
 
     def paint(self, prompt: str, negative_prompt: str, steps, guidance, seed, num_images, progress=None):
+        """Draws `num_images` images for `prompt`.
+
+        Args:
+            prompt: the prompt, any language the text encoder knows.
+            negative_prompt: what to steer away from (empty: none).
+            steps: denoising steps.
+            guidance: the guidance scale.
+            seed: the seed of the generator.
+            num_images: images per prompt.
+            progress: a `gr.Progress` the denoising steps advance (optional).
+
+        Returns:
+            The images, enlarged (nearest) to at least 256 pixels a side.
+        """
         import gradio as gr
 
         if not prompt or not prompt.strip():
@@ -194,6 +246,7 @@ class PaintTab:
 
 
 def enlarge(image):
+    """`image` enlarged (nearest) by the whole factor that makes its shorter side at least 256 pixels."""
     from PIL import Image
 
     factor = max(1, SMALLEST_SHOWN // min(image.size))
@@ -204,6 +257,7 @@ def enlarge(image):
 
 
 def build_app(chat: ChatTab, paint: PaintTab, steps: int = 20, guidance: float = 1.0):
+    """The Gradio page: a Chat tab and a Paint tab (`steps` and `guidance` are the Paint tab's initial values)."""
     import gradio as gr
 
     with gr.Blocks(title="VisCPM", analytics_enabled=False) as app:
@@ -249,6 +303,7 @@ def build_app(chat: ChatTab, paint: PaintTab, steps: int = 20, guidance: float =
 
 
 def main(argv=None) -> None:
+    """`viscpm-demo`: loads both models, then serves the page until interrupted."""
     disable_hub_kernels_when_offline()
     args = parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no telemetry requests
@@ -257,6 +312,9 @@ def main(argv=None) -> None:
     except ImportError:
         raise SystemExit('error: the web demo needs Gradio: pip install "viscpm-hf[webdemo]" (or -e ".[webdemo]").')
 
+    from .mpm.pivots import show_build_messages
+
+    show_build_messages()  # the defaults' first run builds their pivots: say so
     print("Loading the chat model ...", flush=True)
     model, processor = load_chat_model(args.chat_model, args.device)
     print("Loading the paint pipeline ...", flush=True)
@@ -269,7 +327,13 @@ def main(argv=None) -> None:
     theme = gr.themes.Default(
         font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
     )
-    app.queue().launch(server_name=args.host, server_port=args.port, theme=theme, ssr_mode=False, show_error=True)
+    # quiet: Gradio's own lines would suggest `launch(share=True)`, which is --share here.
+    app.queue().launch(
+        server_name=args.host, server_port=args.port, theme=theme, ssr_mode=False, show_error=True,
+        share=args.share, quiet=True, prevent_thread_lock=True,
+    )  # fmt: skip
+    print(f"Running on {app.local_url} (Ctrl+C stops it)", flush=True)
+    app.block_thread()
 
 
 if __name__ == "__main__":

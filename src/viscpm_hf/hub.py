@@ -24,8 +24,14 @@ PICKLE_SUFFIXES = (".bin", ".pkl", ".pickle", ".pt", ".pth", ".ckpt", ".joblib")
 
 
 def write_card(path: str | os.PathLike, data: ModelCardData, body: str) -> None:
-    """Writes `data` as the YAML header above the markdown `body`, under a temporary name renamed when complete:
-    a reader (or an upload) sees the old card or the whole new one."""
+    """Writes a model card, under a temporary name renamed when complete: a reader (or an upload) sees the old card
+    or the whole new one.
+
+    Args:
+        path: the card's file (a folder's README.md).
+        data: the metadata, written as the YAML header.
+        body: the markdown below it.
+    """
     path = Path(path)
     partial = path.with_name(f".{path.name}.partial")
     partial.write_text(f"---\n{data.to_yaml()}\n---\n\n{body.lstrip()}", encoding="utf-8")
@@ -33,13 +39,21 @@ def write_card(path: str | os.PathLike, data: ModelCardData, body: str) -> None:
 
 
 def missing_metadata(data: ModelCardData) -> list[str]:
+    """The names of `REQUIRED_METADATA` that `data` lacks."""
     return [name for name in REQUIRED_METADATA if not getattr(data, name, None)]
 
 
 def load_card(path: str | os.PathLike) -> ModelCard:
-    """The card at `path` (a README.md), checked: its YAML header parses and holds every `REQUIRED_METADATA` field.
+    """The card at `path`, checked: its YAML header parses and holds every `REQUIRED_METADATA` field.
 
-    Raises a ValueError naming the file, what is wrong and how to fix it.
+    Args:
+        path: the card's file (a README.md).
+
+    Returns:
+        `ModelCard`.
+
+    Raises:
+        ValueError: naming the file, what is wrong and how to fix it.
     """
     path = Path(path)
     if not path.is_file():
@@ -66,11 +80,17 @@ def load_card(path: str | os.PathLike) -> ModelCard:
 def derived_metadata(
     name_or_path: str, *, base_model: str | None = None, license: str | None = None, language: list[str] | None = None
 ) -> dict:
-    """The card metadata of a model trained from `name_or_path`: `base_model`, `license` and `language` where given,
-    else inherited: the base model (a Hub id is its own; a local folder passes on the one its card names), and the
-    licence (with its name and link) and languages of that card.
+    """The card metadata of a model trained from `name_or_path`.
 
-    Only what is known is returned: a folder without a card gives nothing, an unreachable Hub gives the id only.
+    Args:
+        name_or_path: the starting model, a Hub id or a local folder.
+        base_model: the base model; default: inherited (a Hub id is its own; a local folder passes on the one its
+            card names).
+        license: the licence; default: the starting card's (with its name and link).
+        language: the languages; default: the starting card's.
+
+    Returns:
+        Only what is known: a folder without a card gives nothing, an unreachable Hub gives the id only.
     """
     local = Path(name_or_path).exists()
     metadata = {} if local else {"base_model": name_or_path}
@@ -85,8 +105,17 @@ def derived_metadata(
 
 
 def check_hub_target(repo_id: str, token: str | None = None, derived: dict | None = None) -> None:
-    """Refuses, before any long conversion or training, a malformed repo id, a missing login, or (given the
-    `derived_metadata` of a model to train) a model card that would lack its base model, licence or languages."""
+    """Refuses an upload that would fail, before any long conversion or training.
+
+    Args:
+        repo_id: the repo to upload to.
+        token: the token (default: the login's).
+        derived: the `derived_metadata` of a model to train, if one is.
+
+    Raises:
+        ValueError: a malformed repo id, a missing login, or a model card that would lack its base model, licence or
+            languages.
+    """
     validate_repo_id(repo_id)  # a ValueError naming the id
     if token is None and get_token() is None:
         raise ValueError(
@@ -102,7 +131,15 @@ def check_hub_target(repo_id: str, token: str | None = None, derived: dict | Non
 
 
 def is_pickle(path: Path) -> bool:
-    """By name, or by content whatever the name: a pickle stream (protocol 2 or later) or torch.save's zip."""
+    """Whether a file is pickled: by name, or by content whatever the name (a pickle stream of protocol 2 or later,
+    or torch.save's zip).
+
+    Args:
+        path: the file.
+
+    Returns:
+        True for a pickled file.
+    """
     if path.suffix.lower() in PICKLE_SUFFIXES:
         return True
     if path.suffix == ".safetensors":  # read by safetensors only; a header length may begin like a pickle
@@ -118,10 +155,16 @@ def is_pickle(path: Path) -> bool:
 
 
 def files_to_upload(folder: str | os.PathLike) -> list[str]:
-    """What `push_to_hub` would upload: the files under `folder` as sorted relative paths, hidden ones (`.git`,
-    `.cache`, partial files) left out.
+    """What `push_to_hub` would upload.
 
-    Raises a ValueError if one is pickled or if the model card is missing, does not parse or lacks metadata.
+    Args:
+        folder: the folder.
+
+    Returns:
+        The files under `folder` as sorted relative paths, hidden ones (`.git`, `.cache`, partial files) left out.
+
+    Raises:
+        ValueError: a file is pickled, or the model card is missing, does not parse or lacks metadata.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -151,9 +194,21 @@ def push_to_hub(
 ) -> CommitInfo:
     """Uploads `files_to_upload(folder)`, checked first, to the model repo `repo_id` in one commit.
 
-    The repo is created if needed (`private` applies then; a name without a namespace goes under the token's user);
-    files already in it and not in the folder stay. Returns the commit (`.commit_url`, `.oid`, `.repo_url.repo_id`).
-    A refused folder raises a ValueError; a failed upload an OSError that says how to retry it.
+    Files already in the repo and not in the folder stay.
+
+    Args:
+        folder: the folder to upload.
+        repo_id: the repo; created if needed (a name without a namespace goes under the token's user).
+        token: the token (default: the login's).
+        private: the visibility of a repo created now.
+        commit_message: the commit's message.
+
+    Returns:
+        `CommitInfo` (`.commit_url`, `.oid`, `.repo_url.repo_id`).
+
+    Raises:
+        ValueError: a refused folder (see `files_to_upload`).
+        OSError: a failed upload; the message says how to retry it.
     """
     files = files_to_upload(folder)
     api = HfApi(token=token)

@@ -21,7 +21,17 @@ PRETRAINED_TOWERS = {"efficientnet": load_efficientnet_lite0}  # vision model_ty
 
 
 def build_processor(tokenizer, image_size: int, num_query_tokens: int) -> VisCPMChatProcessor:
-    """The LLM's tokenizer with an <image> placeholder, and the paper's image preprocessing."""
+    """The processor of an MPM chat model: the LLM's tokenizer with an `<image>` placeholder, and the paper's image
+    preprocessing.
+
+    Args:
+        tokenizer: the LLM's tokenizer; `<image>` is added to it (and its eos becomes its pad token if it has none).
+        image_size: the side images are resized to.
+        num_query_tokens: image tokens per image (the bridge's query count).
+
+    Returns:
+        `VisCPMChatProcessor`.
+    """
     tokenizer.add_tokens(["<image>"], special_tokens=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -31,8 +41,16 @@ def build_processor(tokenizer, image_size: int, num_query_tokens: int) -> VisCPM
 
 
 def load_chat(adapter: str | Path, base: str | Path | None = None):
-    """A stage-2 model and its processor: the base (an `init` folder, or with None the LLM from its package under the
-    adapter folder's config.json) with the saved adapter (LoRA, tower, bridge) merged in."""
+    """A stage-2 model of the OpenMoji experiment, with its adapter (LoRA, tower, bridge) merged in.
+
+    Args:
+        adapter: the adapter folder (`chat_openmoji.py --export_default` writes one; `examples/mpm/default/chat`).
+        base: the base model folder; None: built from the adapter folder's config.json over the LLM and vision
+            tower that their PyPI packages ship (`viscpm_hf.mpm.pivots`, built once on first use).
+
+    Returns:
+        `(model, processor)`: a `VisCPMChatForConditionalGeneration` in eval mode and its `VisCPMChatProcessor`.
+    """
     from peft import PeftModel
 
     if base is not None:

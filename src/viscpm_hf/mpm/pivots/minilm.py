@@ -27,6 +27,9 @@ def minilm_dir() -> Path:
 def load_minilm(*, dtype: torch.dtype = torch.float32) -> tuple[BertModel, PreTrainedTokenizerBase]:
     """all-MiniLM-L6-v2 (6 layers, hidden 384, English WordPiece, uncased) from the installed package.
 
+    Args:
+        dtype: the dtype of the returned model.
+
     Returns:
         `(model, tokenizer)`: a `BertModel` in eval mode and its tokenizer; embed with `minilm_embed`.
     """
@@ -44,6 +47,12 @@ def minilm_embed(
     batch_size: int = 32,
 ) -> torch.Tensor:
     """Sentence embeddings as sentence-transformers computes them for this checkpoint (no prefix).
+
+    Args:
+        model: the model `load_minilm` returns.
+        tokenizer: its tokenizer.
+        texts: one text or several.
+        batch_size: texts encoded at a time.
 
     Returns:
         `(N, 384)` float32 for a list of N texts, `(384,)` for a single string; L2-normalised.
