@@ -1,6 +1,7 @@
 """Converting the original VisCPM-Paint checkpoint into a diffusers folder, checked against the original's vectors."""
 
 import json
+import logging
 import shutil
 
 import diffusers
@@ -196,6 +197,9 @@ def test_folders_converted_before_the_caption_format_encode_the_same(converted, 
     shutil.copytree(converted, old)
     config.update(prompt_format="text", model_max_length=int(1e30))  # what the converter wrote before
     (old / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(config))
+    encoder_config = json.loads((old / "text_encoder" / "config.json").read_text())
+    del encoder_config["max_position_embeddings"]  # nor did it write the encoder's limit
+    (old / "text_encoder" / "config.json").write_text(json.dumps(encoder_config))
     assert CpmBeeTokenizer.from_pretrained(old / "tokenizer").prompt_format == "caption"
     assert CpmBeeTokenizer.from_pretrained(old, subfolder="tokenizer").prompt_format == "caption"
     shutil.copytree(old / "tokenizer", tmp_path / "alone")
@@ -211,6 +215,34 @@ def test_folders_converted_before_the_caption_format_encode_the_same(converted, 
     old_pipe.save_pretrained(tmp_path / "saved_again")
     saved = json.loads((tmp_path / "saved_again" / "tokenizer" / "tokenizer_config.json").read_text())
     assert saved["prompt_format"] == "caption"
+
+
+def test_a_20000_character_prompt_reaches_the_text_encoder_cut_to_its_limit(converted, caplog):
+    """The converted encoder knows its limit (the original LLM's 3000 prompt tokens), so a prompt and a negative prompt
+    of 20,000 characters cost what two legal 3000-token prompts cost, caption structure kept, whatever the tokenizer's
+    own limit."""
+    assert text_encoder_config().max_position_embeddings == 3000
+    assert json.loads((converted / "text_encoder" / "config.json").read_text())["max_position_embeddings"] == 3000
+    pipe = VisCPMPaintPipeline.from_pretrained(converted)
+    pipe.tokenizer.model_max_length = int(1e30)  # a tokenizer that sets no limit: the encoder's still holds
+    assert pipe.max_prompt_length == 3000
+
+    class Stop(Exception):
+        pass
+
+    def stop(module, args, kwargs):
+        read.append(kwargs["input_ids"])
+        raise Stop
+
+    read = []
+    pipe.text_encoder.register_forward_pre_hook(stop, with_kwargs=True)
+    text = ("一只可爱的猫 a lighthouse at dawn 🐱 " * 1000)[:20000]
+    with caplog.at_level(logging.WARNING), pytest.raises(Stop):
+        pipe.encode_prompt(text, "cpu", 1, True, text[::-1])
+    assert read[0].shape == (2, 3000)
+    suffix = pipe.tokenizer(["a cat"])["input_ids"][0][-len(pipe.tokenizer.suffix_tokens) :]
+    assert read[0][:, -len(suffix) :].tolist() == [suffix, suffix]  # the caption's end and the 'objects' segments
+    assert caplog.text.count("is longer than the 3000 tokens the text encoder reads") == 2
 
 
 class RealKeyLayout:

@@ -6,7 +6,8 @@ SD-2.1-base's, read from a local diffusers `vae/` folder. Every tensor is stream
 its component. The sizes of the text encoder and the UNet are read from the tensors' shapes (the VAE's are checked
 against its config.json); names and shapes are checked against the components built on the meta device before
 anything is written, and the folder appears only once complete. The tokenizer is saved in its caption format (the
-original's `{'caption': prompt, 'objects': ''}` prompts), with the caption limit as its model_max_length.
+original's `{'caption': prompt, 'objects': ''}` prompts); the caption limit is both its model_max_length and the text
+encoder's max_position_embeddings, so longer prompts are truncated to it whatever tokenizer the folder is used with.
 """
 
 import json
@@ -99,6 +100,10 @@ def text_encoder_config(llm: dict | None = None) -> CpmBeeConfig:
     config = cpmbee_config_from_original(llm or CPMBEE_10B)
     config.architectures = ["CpmBeeModel"]
     config.use_cache = False  # an encoder: one forward per prompt, nothing to continue
+    # Relative positions set no limit of their own. The original's LLM read at most MAX_CAPTION_TOKENS prompt tokens
+    # (VisCPM-Chat's max_inp_length; chat's 3514 adds the answer, which an encoder never reads): without it a
+    # 20,000-character prompt costs gigabytes of attention.
+    config.max_position_embeddings = MAX_CAPTION_TOKENS
     return config
 
 
@@ -302,8 +307,7 @@ def convert_paint(
     )
     check_floating(original, [key for pairs in plan.values() for key, _ in pairs])
     check_floating(vae_source, [key for key, _ in vae_plan["vae"]])
-    # The caption format builds the original's prompts. Its limit is written out: the text encoder, with relative
-    # positions only, has none of its own.
+    # The caption format builds the original's prompts, cut to the text encoder's limit.
     tokenizer = CpmBeeTokenizer(vocab_file=str(vocab), prompt_format="caption", model_max_length=MAX_CAPTION_TOKENS)
     check_vocabulary(tokenizer, vocab, text_config.vocab_size, checkpoint)
     max_shard_bytes = parse_size(max_shard_size)

@@ -1,5 +1,5 @@
 """VisCPM-Paint on diffusers' pipeline contracts: cross_attention_kwargs and LoRA loading, prompt truncation, optional
-text encoder, float32 transblock, strict input checks, and threads."""
+components, strict loading, float32 transblock, strict input checks, and threads."""
 
 import logging
 import threading
@@ -12,9 +12,10 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
 from tiny_paint import tiny_pipeline
 
-from viscpm_hf import VisCPMPaintPipeline
+from viscpm_hf import PixelShuffleAutoencoder, VisCPMPaintPipeline, VisCPMTransBlock
 
 
 STEPS = {"num_inference_steps": 3}
@@ -209,7 +210,7 @@ def test_the_pipeline_knows_no_tokenizer_by_name():
         assert not found, f"{path} names {found}"
 
 
-# --- optional text encoder and tokenizer -------------------------------------------------------------------
+# --- optional components ------------------------------------------------------------------------------------
 
 
 def test_a_pipeline_without_text_encoder_denoises_from_prompt_embeds(pipe, tmp_path):
@@ -225,12 +226,77 @@ def test_a_pipeline_without_text_encoder_denoises_from_prompt_embeds(pipe, tmp_p
         with pytest.raises(ValueError, match="no text_encoder and tokenizer, so it cannot encode text: pass prompt_emb"):
             call()
     bare.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="text_encoder=None to denoise from prompt_embeds only"):
-        VisCPMPaintPipeline.from_pretrained(tmp_path)
-    loaded = VisCPMPaintPipeline.from_pretrained(tmp_path, text_encoder=None, tokenizer=None)
-    assert loaded.text_encoder is None and loaded.tokenizer is None
-    again = loaded(**conditioning, output_type="np", generator=generator(), **STEPS).images
-    np.testing.assert_allclose(again, from_text, atol=1e-6)
+    for loaded in (VisCPMPaintPipeline.from_pretrained(tmp_path),  # null components load as None, as in diffusers
+                   VisCPMPaintPipeline.from_pretrained(tmp_path, text_encoder=None, tokenizer=None)):  # fmt: skip
+        assert loaded.text_encoder is None and loaded.tokenizer is None
+        with pytest.raises(ValueError, match=r"cannot encode text: .*load this one with text_encoder=\.\.\., tok"):
+            loaded("a cat", **STEPS)
+        again = loaded(**conditioning, output_type="np", generator=generator(), **STEPS).images
+        np.testing.assert_allclose(again, from_text, atol=1e-6)
+    given = VisCPMPaintPipeline.from_pretrained(tmp_path, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    np.testing.assert_allclose(image(given), from_text, atol=1e-6)
+
+
+def test_a_pipeline_without_unet_and_vae_encodes_prompts(pipe, tmp_path):
+    """encode_prompt needs neither (the first stage of the two-stage pattern); generating says what to add."""
+    encoder = VisCPMPaintPipeline(**{**pipe.components, "unet": None, "vae": None})
+    expected = pipe.encode_prompt("a cat", "cpu", 1, True, "blurry")
+    for got, want in zip(encoder.encode_prompt("a cat", "cpu", 1, True, "blurry"), expected):
+        torch.testing.assert_close(got, want)
+    message = r"has no unet and vae, so it cannot generate images .*from_pipe\(pipe, unet=\.\.\., vae=\.\.\.\)"
+    with pytest.raises(ValueError, match=message):
+        encoder("a cat", **STEPS)
+    with pytest.raises(ValueError, match=r"has no vae, so it cannot generate images"):
+        VisCPMPaintPipeline(**{**pipe.components, "vae": None})("a cat", **STEPS)
+    encoder.save_pretrained(tmp_path)
+    loaded = VisCPMPaintPipeline.from_pretrained(tmp_path)
+    assert loaded.unet is None and loaded.vae is None
+    complete = VisCPMPaintPipeline.from_pipe(loaded, unet=pipe.unet, vae=pipe.vae)
+    np.testing.assert_allclose(image(complete), image(pipe), atol=1e-6)
+
+
+# --- strict loading -----------------------------------------------------------------------------------------
+
+
+def damage(weights: Path, missing: str | None = None, unexpected: str | None = None) -> None:
+    state = load_file(weights)
+    if missing:
+        del state[missing]
+    if unexpected:
+        state[unexpected] = torch.zeros(2)
+    save_file(state, str(weights))
+
+
+def test_a_transblock_with_missing_or_unexpected_tensors_is_refused_at_load(pipe, tmp_path):
+    """diffusers only logs both and leaves missing tensors empty: the folder would fail at the first call."""
+    with torch.no_grad():
+        pipe.transblock.layer_norm.bias.fill_(0.5)
+    pipe.save_pretrained(tmp_path)
+    damage(tmp_path / "transblock" / "diffusion_pytorch_model.safetensors", "layer_norm.bias", "extra.weight")
+    message = (
+        r"transblock do not match VisCPMTransBlock: missing tensors \['layer_norm.bias'\] and unexpected tensors "
+        r"\['extra.weight'\]\..*pass strict=False to VisCPMTransBlock.*\(pipeline_folder, transblock=model\)"
+    )
+    for load in (lambda: VisCPMPaintPipeline.from_pretrained(tmp_path),
+                 lambda: VisCPMTransBlock.from_pretrained(tmp_path, subfolder="transblock")):  # fmt: skip
+        with pytest.raises(RuntimeError, match=message):
+            load()
+    # On purpose: the missing tensor starts as in a new transblock, the rest is loaded, the unexpected one ignored.
+    transblock = VisCPMTransBlock.from_pretrained(tmp_path / "transblock", strict=False)
+    assert torch.equal(transblock.layer_norm.bias, torch.zeros(32))
+    assert torch.equal(transblock.projection.weight, pipe.transblock.projection.weight)
+    partial = VisCPMPaintPipeline.from_pretrained(tmp_path, transblock=transblock)
+    with torch.no_grad():
+        pipe.transblock.layer_norm.bias.zero_()
+    np.testing.assert_allclose(image(partial), image(pipe), atol=1e-6)
+
+
+def test_a_pixel_space_vae_with_an_unexpected_tensor_is_refused_at_load(tmp_path):
+    PixelShuffleAutoencoder(factor=2).save_pretrained(tmp_path / "vae")
+    damage(tmp_path / "vae" / "diffusion_pytorch_model.safetensors", unexpected="decoder.weight")
+    with pytest.raises(RuntimeError, match=r"unexpected tensors \['decoder.weight'\].*vae=model"):
+        PixelShuffleAutoencoder.from_pretrained(tmp_path / "vae")
+    assert PixelShuffleAutoencoder.from_pretrained(tmp_path / "vae", strict=False).config.factor == 2
 
 
 # --- dtype ------------------------------------------------------------------------------------------------------
@@ -272,6 +338,9 @@ def test_to_dtype_keeps_the_transblock_in_float32_as_loading_does(pipe, tmp_path
         ({"latents": torch.full((1, 4, 16, 16), float("nan"))}, r"latents contain NaN or infinite values"),
         ({"latents": torch.zeros(1, 4, 8, 8)}, r"latents have shape \(1, 4, 8, 8\), expected \(1, 4, 16, 16\)"),
         ({"num_images_per_prompt": 2, "generator": [torch.Generator()]}, r"Got 1 generators for 2 images"),
+        ({"generator": 0}, r"generator must be a torch.Generator .*got 0: .*=torch.Generator\(\).manual_seed\(0\)"),
+        ({"generator": [7]}, r"generator must be a torch.Generator or a list of them .*manual_seed\(0\)"),
+        ({"latents": torch.zeros(1, 4, 16, 16, dtype=torch.long)}, r"latents must be a floating-point tensor"),
         ({"cross_attention_kwargs": {"scale": float("nan")}}, r"cross_attention_kwargs\['scale'\] .* finite number"),
         ({"cross_attention_kwargs": "scale=1"}, r"cross_attention_kwargs must be a dict"),
         ({"callback_on_step_end": "print"}, r"callback_on_step_end must be callable"),
@@ -305,6 +374,49 @@ def test_bad_input_is_refused_before_any_work(pipe, kwargs, message):
 def test_bad_embeddings_are_refused(pipe, kwargs, message):
     with pytest.raises(ValueError, match=message):
         pipe(**kwargs, guidance_scale=1.0, **STEPS)
+
+
+def test_float64_latents_are_cast_to_the_unets_dtype(pipe):
+    """As drawn noise is: numpy's float64 noise gives the image of its float32 values."""
+    noise = torch.randn(1, 4, 16, 16, generator=generator(5), dtype=torch.float64)
+    np.testing.assert_array_equal(image(pipe, latents=noise), image(pipe, latents=noise.float()))
+
+
+def test_a_callback_that_returns_nothing_replaces_nothing(pipe):
+    steps = []
+    watched = image(pipe, callback_on_step_end=lambda pipeline, step, timestep, tensors: steps.append(step))
+    np.testing.assert_array_equal(watched, image(pipe))
+    assert steps == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "returned, error, message",
+    [
+        ([], TypeError, r"callback_on_step_end must return a dict of the tensors it replaces .*got list"),
+        ({"noise": torch.zeros(1)}, ValueError, r"returned 'noise', which it cannot replace: .* \['latents'"),
+        ({"latents": torch.zeros(1, 4, 8, 8)}, ValueError, r"returned latents of shape \(1, 4, 8, 8\); it must keep"),
+        ({"negative_prompt_embeds": torch.zeros(1, 6, 32)}, ValueError, r"does not have \(no guidance\)"),
+    ],
+)  # fmt: skip
+def test_what_a_callback_returns_is_checked(pipe, returned, error, message):
+    with pytest.raises(error, match=message):
+        image(pipe, guidance_scale=1.0, callback_on_step_end=lambda *args: returned)
+
+
+def test_a_callback_replaces_the_conditioning_of_the_remaining_steps(pipe):
+    """As in Stable Diffusion: a callback that swaps prompt_embeds after step 0 draws the remaining steps as that
+    prompt does from the same latents."""
+    dog, negative, *_ = pipe.encode_prompt("a dog", "cpu", 1, True)
+    after_first = {}
+
+    def swap(pipeline, step, timestep, tensors):
+        after_first.setdefault("latents", tensors["latents"])
+        return {"prompt_embeds": dog, "negative_prompt_embeds": negative} if step == 0 else {}
+
+    inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    swapped = image(pipe, "a cat", callback_on_step_end=swap, callback_on_step_end_tensor_inputs=inputs)
+    as_dog = image(pipe, "a dog", callback_on_step_end=lambda p, step, t, tensors: after_first if step == 0 else {})
+    np.testing.assert_allclose(swapped, as_dog, atol=1e-6)
 
 
 def test_a_missing_local_folder_says_it_is_missing(tmp_path):

@@ -12,7 +12,7 @@ import math
 import numbers
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,10 +88,11 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             converted release's tokenizer builds the original's prompts around each text).
         text_encoder (*optional*): Any transformers model whose output has `last_hidden_state`; it stays frozen.
             Without it (and the tokenizer) the pipeline denoises from `prompt_embeds` only, e.g. ones computed by
-            another pipeline's `encode_prompt`.
+            another pipeline's `encode_prompt`; a folder saved without them loads without them.
         transblock ([`VisCPMTransBlock`]): LLM hidden size -> UNet cross-attention width; kept in float32.
-        unet ([`UNet2DConditionModel`]), vae ([`AutoencoderKL`], or [`PixelShuffleAutoencoder`] for tiny images), scheduler: as in Stable Diffusion (DDPM for the
-            released weights; any diffusers scheduler works).
+        unet ([`UNet2DConditionModel`]), vae ([`AutoencoderKL`], or [`PixelShuffleAutoencoder`] for tiny images),
+            scheduler: as in Stable Diffusion (DDPM for the released weights; any diffusers scheduler works). The UNet
+            and VAE are needed to generate images only: without them the pipeline still encodes prompts.
         reranker, reranker_processor (*optional*): a CLIP-style model (`logits_per_image`) and its processor,
             used by `rerank=N` to keep the best of N candidates (Chinese-CLIP in the paper).
         safety_checker, feature_extractor (*optional*): Stable Diffusion's safety checker and its image processor.
@@ -111,7 +112,8 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     model_cpu_offload_seq = "text_encoder->transblock->unet->vae"
     _optional_components = [
-        "tokenizer", "text_encoder", "reranker", "reranker_processor", "safety_checker", "feature_extractor",
+        "tokenizer", "text_encoder", "unet", "vae", "reranker", "reranker_processor", "safety_checker",
+        "feature_extractor",
     ]  # fmt: skip
     _exclude_from_cpu_offload = ["safety_checker", "reranker"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
@@ -121,8 +123,8 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         tokenizer,
         text_encoder: PreTrainedModel | None,
         transblock: VisCPMTransBlock,
-        unet: UNet2DConditionModel,
-        vae: AutoencoderKL | PixelShuffleAutoencoder,
+        unet: UNet2DConditionModel | None,
+        vae: AutoencoderKL | PixelShuffleAutoencoder | None,
         scheduler: KarrasDiffusionSchedulers,
         reranker: PreTrainedModel | None = None,
         reranker_processor=None,
@@ -137,7 +139,7 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 f"({transblock.config.in_features}): build the transblock as VisCPMTransBlock(in_features={text_width}, "
                 f"out_features={transblock.config.out_features})."
             )
-        if transblock.config.out_features != unet.config.cross_attention_dim:
+        if unet is not None and transblock.config.out_features != unet.config.cross_attention_dim:
             raise ValueError(
                 f"The transblock gives {transblock.config.out_features} features but the UNet's cross_attention_dim "
                 f"is {unet.config.cross_attention_dim}: they must be equal."
@@ -154,16 +156,15 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             safety_checker=safety_checker,
             feature_extractor=feature_extractor,
         )
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        # Without a VAE (a pipeline that only encodes prompts) Stable Diffusion's factor stands in, as in diffusers.
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "VisCPMPaintPipeline":
         """Loads a local folder or a Hub repo; a repo is downloaded first, since diffusers cannot resolve the
-        third-party components of a repo it has not downloaded (diffusers#6563)."""
-        import json
-        from pathlib import Path
-
+        third-party components of a repo it has not downloaded (diffusers#6563). Components saved as null (e.g. a
+        folder shipped without its text encoder) load as None, as in diffusers."""
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
         from huggingface_hub.utils import validate_repo_id
@@ -193,20 +194,6 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                     f"{name} is neither a local folder nor a Hub repo that could be downloaded or found in the cache "
                     f"({type(error).__name__}): check the path or the repo id."
                 ) from error
-        index = Path(name) / "model_index.json"
-        if index.is_file():
-            entries = json.loads(index.read_text())
-            absent = [
-                key for key in ("tokenizer", "text_encoder") if entries.get(key, [None])[0] is None and key not in kwargs
-            ]
-            if absent:
-                raise ValueError(
-                    f"{name} was saved without its {' and '.join(absent)} (model_index.json lists them as null, e.g. "
-                    f"to ship a small folder whose encoder comes from elsewhere): pass "
-                    f"{', '.join(f'{key}=...' for key in absent)} to from_pretrained, e.g. from "
-                    "viscpm_hf.mpm.pivots.load_multilingual_e5() for the MPM demo, or "
-                    f"{', '.join(f'{key}=None' for key in absent)} to denoise from prompt_embeds only."
-                )
         return super().from_pretrained(name, **kwargs)
 
     # 1. Prompts -> UNet conditioning
@@ -228,6 +215,16 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 f"This pipeline has no {missing}, so it cannot encode text: pass prompt_embeds (and "
                 "negative_prompt_embeds when guidance_scale > 1) from a pipeline that has one, e.g. its "
                 f"encode_prompt(...), or load this one with {', '.join(f'{m}=...' for m in missing.split(' and '))}."
+            )
+
+    def _require_denoiser(self) -> None:
+        missing = [name for name in ("unet", "vae") if getattr(self, name) is None]
+        if missing:
+            given = ", ".join(f"{name}=..." for name in missing)
+            raise ValueError(
+                f"This pipeline has no {' and '.join(missing)}, so it cannot generate images (encode_prompt works "
+                f"without): load it with {given}, or add them to a pipeline that shares its other models: "
+                f"VisCPMPaintPipeline.from_pipe(pipe, {given})."
             )
 
     def encode_prompt(
@@ -484,6 +481,13 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             if prompt is None:
                 raise ValueError("rerank scores images against the prompt text: pass prompt, not prompt_embeds.")
         images = batch_size * num_images_per_prompt * (rerank or 1)
+        generators = generator if isinstance(generator, list) else [generator]
+        if generator is not None and not all(isinstance(g, torch.Generator) for g in generators):
+            seed = generator if _is_integer(generator) else 0
+            raise ValueError(
+                f"generator must be a torch.Generator or a list of them (one per image), got {generator!r}: for a "
+                f"seed, pass generator=torch.Generator().manual_seed({seed})."
+            )
         if isinstance(generator, list) and len(generator) != images:
             raise ValueError(
                 f"Got {len(generator)} generators for {images} images (prompts x num_images_per_prompt x rerank): "
@@ -498,6 +502,8 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                     f"latents have shape {found}, expected {shape} (images, channels, height / {factor}, "
                     f"width / {factor})."
                 )
+            if not latents.is_floating_point():
+                raise ValueError(f"latents must be a floating-point tensor (the initial noise), got {latents.dtype}.")
             if not torch.isfinite(latents).all():
                 raise ValueError("latents contain NaN or infinite values: the images would too.")
         if cross_attention_kwargs is not None:
@@ -554,8 +560,8 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         shape = (batch_size, num_channels_latents, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        else:
-            latents = latents.to(device)
+        else:  # in the dtype drawn noise would have (float64 noise from numpy, e.g., meets a float32 UNet)
+            latents = latents.to(device=device, dtype=dtype)
         return latents * self.scheduler.init_noise_sigma
 
     def set_timesteps(self, num_inference_steps: int, device, timesteps: list[int] | None = None) -> torch.Tensor:
@@ -654,11 +660,13 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             cross_attention_kwargs (`dict`, *optional*): passed to the UNet's attention processors, as in Stable
                 Diffusion; `"scale"` weighs loaded LoRA layers (0 turns them off).
             callback_on_step_end, callback_on_step_end_tensor_inputs: called after every step with the tensors
-                named; returning `{"latents": ...}` replaces them.
+                named. It returns a dict of the tensors it replaces for the remaining steps (`latents`,
+                `prompt_embeds`, `negative_prompt_embeds`, each keeping its shape), or None to replace none.
 
         Every argument is checked before any work (`check_inputs`). One call at a time per scheduler: see the class
         docstring for concurrent requests.
         """
+        self._require_denoiser()
         if height is None:
             height = self.unet.config.sample_size * self.vae_scale_factor
         if width is None:
@@ -697,12 +705,9 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                     negative_prompt_attention_mask = negative_prompt_attention_mask.to(device).repeat_interleave(
                         candidates, dim=0
                     )
-            encoder_hidden_states, encoder_attention_mask = prompt_embeds, prompt_attention_mask
-            if self.do_classifier_free_guidance:
-                encoder_hidden_states, encoder_attention_mask = self._guidance_conditioning(
-                    prompt_embeds, negative_prompt_embeds, prompt_attention_mask, negative_prompt_attention_mask
-                )
-            encoder_hidden_states = encoder_hidden_states.to(self.unet.dtype)
+            encoder_hidden_states, encoder_attention_mask = self._unet_conditioning(
+                prompt_embeds, negative_prompt_embeds, prompt_attention_mask, negative_prompt_attention_mask
+            )
 
             # 2. Timesteps and initial latents.
             timesteps = self.set_timesteps(num_inference_steps, device, timesteps)
@@ -740,7 +745,15 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                         local_tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
                         callback_kwargs = {k: local_tensors[k] for k in callback_on_step_end_tensor_inputs}
                         callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                        latents = callback_outputs.pop("latents", latents)
+                        updates = self._callback_updates(callback_outputs, local_tensors)
+                        latents = updates.pop("latents", latents)
+                        if updates:  # new conditioning for the remaining steps, as in Stable Diffusion
+                            prompt_embeds = updates.get("prompt_embeds", prompt_embeds)
+                            negative_prompt_embeds = updates.get("negative_prompt_embeds", negative_prompt_embeds)
+                            encoder_hidden_states, encoder_attention_mask = self._unet_conditioning(
+                                prompt_embeds, negative_prompt_embeds, prompt_attention_mask,
+                                negative_prompt_attention_mask,
+                            )  # fmt: skip
                     progress_bar.update()
 
             # 4. Decode, check, rerank, post-process.
@@ -760,6 +773,39 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if not return_dict:
             return image, has_nsfw_concept
         return VisCPMPaintPipelineOutput(images=image, nsfw_content_detected=has_nsfw_concept)
+
+    def _unet_conditioning(self, embeds, negative_embeds, mask, negative_mask):
+        """The UNet's `encoder_hidden_states` (in its dtype) and `encoder_attention_mask`."""
+        if self.do_classifier_free_guidance:
+            embeds, mask = self._guidance_conditioning(embeds, negative_embeds, mask, negative_mask)
+        return embeds.to(self.unet.dtype), mask
+
+    @staticmethod
+    def _callback_updates(outputs, tensors: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        """The tensors a step-end callback replaces (those it returns as given replace nothing); a callback that only
+        watches may return None."""
+        if outputs is None:
+            return {}
+        if not isinstance(outputs, Mapping):
+            raise TypeError(
+                "callback_on_step_end must return a dict of the tensors it replaces ({} or None for none, or the "
+                f"callback_kwargs it was given), got {type(outputs).__name__}."
+            )
+        for name, value in outputs.items():
+            if name not in tensors:
+                raise ValueError(
+                    f"callback_on_step_end returned {name!r}, which it cannot replace: it can replace {list(tensors)}."
+                )
+            current = tensors[name]
+            if current is None:
+                raise ValueError(f"callback_on_step_end returned {name}, which this call does not have (no guidance).")
+            if not isinstance(value, torch.Tensor) or value.shape != current.shape:
+                found = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(
+                    f"callback_on_step_end returned {name} of shape {found}; it must keep the shape "
+                    f"{tuple(current.shape)} of the tensor it replaces."
+                )
+        return {name: value for name, value in outputs.items() if value is not tensors[name]}
 
     def _guidance_conditioning(self, embeds, negative_embeds, mask, negative_mask):
         """[unconditional; conditional] as one UNet batch, both padded to a common length."""

@@ -7,8 +7,10 @@ from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDis
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from .strict_loading import StrictLoadingMixin
 
-class PixelShuffleAutoencoder(ModelMixin, ConfigMixin):
+
+class PixelShuffleAutoencoder(StrictLoadingMixin, ModelMixin, ConfigMixin):
     """Folds each `factor x factor` patch of pixels into channels (`(b, 3, h, w)` in [-1, 1] ->
     `(b, 3 * factor**2, h / factor, w / factor)`) and back, exactly: the "latents" are the pixels rearranged.
 

@@ -8,11 +8,13 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from .strict_loading import StrictLoadingMixin
+
 
 SENTENCE_TOKEN_MODES = ("none", "prepend", "only")
 
 
-class VisCPMTransBlock(ModelMixin, ConfigMixin):
+class VisCPMTransBlock(StrictLoadingMixin, ModelMixin, ConfigMixin):
     """Linear (no bias) then LayerNorm, kept in float32 as the original: `(batch, length, in_features)` ->
     `(batch, length, out_features)`. With the LLM frozen, this and the UNet's cross-attention are what Paint trains.
 
@@ -26,6 +28,8 @@ class VisCPMTransBlock(ModelMixin, ConfigMixin):
     its English caption, where a UNet trained on English conditions blends neighbouring images; the anchors move it
     onto the conditions the UNet was trained on (the retrieval step of kNN-Diffusion, arXiv 2204.02849), at the
     price of drawing only mixes of the anchors' captions.
+
+    `from_pretrained` refuses weights with missing or unexpected tensors (see `StrictLoadingMixin`).
     """
 
     _keep_in_fp32_modules = ["projection", "layer_norm"]
