@@ -73,7 +73,14 @@ def _is_finite_number(value) -> bool:
 
 @dataclass
 class VisCPMPaintPipelineOutput(BaseOutput):
-    """`images`, and per image whether the safety checker flagged it (None without a checker)."""
+    """Output of [`VisCPMPaintPipeline`].
+
+    Attributes:
+        images (`list[PIL.Image.Image]`, `np.ndarray` or `torch.Tensor`):
+            The generated images, in the call's `output_type` (the denoised latents for `"latent"`).
+        nsfw_content_detected (`list[bool]`, *optional*):
+            Per image, whether the safety checker flagged it; None without a checker or with `output_type="latent"`.
+    """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     nsfw_content_detected: list[bool] | None = None
@@ -81,21 +88,8 @@ class VisCPMPaintPipelineOutput(BaseOutput):
 
 class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     r"""
-    Text-to-image with an LLM as the text encoder.
-
-    Args:
-        tokenizer (*optional*): Any tokenizer of `text_encoder`; `tokenizer(texts)` builds the encoder's inputs (the
-            converted release's tokenizer builds the original's prompts around each text).
-        text_encoder (*optional*): Any transformers model whose output has `last_hidden_state`; it stays frozen.
-            Without it (and the tokenizer) the pipeline denoises from `prompt_embeds` only, e.g. ones computed by
-            another pipeline's `encode_prompt`; a folder saved without them loads without them.
-        transblock ([`VisCPMTransBlock`]): LLM hidden size -> UNet cross-attention width; kept in float32.
-        unet ([`UNet2DConditionModel`]), vae ([`AutoencoderKL`], or [`PixelShuffleAutoencoder`] for tiny images),
-            scheduler: as in Stable Diffusion (DDPM for the released weights; any diffusers scheduler works). The UNet
-            and VAE are needed to generate images only: without them the pipeline still encodes prompts.
-        reranker, reranker_processor (*optional*): a CLIP-style model (`logits_per_image`) and its processor,
-            used by `rerank=N` to keep the best of N candidates (Chinese-CLIP in the paper).
-        safety_checker, feature_extractor (*optional*): Stable Diffusion's safety checker and its image processor.
+    Text-to-image with an LLM as the text encoder: a Stable Diffusion UNet and VAE, conditioned through
+    cross-attention on the frozen LLM's hidden states passed through the transblock.
 
     UNet LoRAs load as in Stable Diffusion (`load_lora_weights`, `fuse_lora`, `unload_lora_weights`, `set_adapters`;
     the scale per call is `cross_attention_kwargs={"scale": s}`).
@@ -108,6 +102,34 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     (`from_pipe` casts the shared models to `dtype`, float32 when omitted: pass the pipeline's own). A LoRA scale
     given through `cross_attention_kwargs` is set on the shared UNet's layers during each forward, so concurrent
     calls must agree on it (or fuse the LoRA).
+
+    Args:
+        tokenizer (`PreTrainedTokenizerBase`, *optional*):
+            Any tokenizer of `text_encoder`; `tokenizer(texts)` builds the encoder's inputs (the converted release's
+            tokenizer builds the original's prompts around each text).
+        text_encoder (`PreTrainedModel`, *optional*):
+            Any transformers model whose output has `last_hidden_state`; it stays frozen. Without it (and the
+            tokenizer) the pipeline denoises from `prompt_embeds` only, e.g. ones computed by another pipeline's
+            `encode_prompt`; a folder saved without them loads without them.
+        transblock ([`VisCPMTransBlock`]):
+            Maps the LLM's hidden size to the UNet's cross-attention width; kept in float32.
+        unet ([`UNet2DConditionModel`], *optional*):
+            Denoises the latents, as in Stable Diffusion. Needed to generate images only: without the UNet and the VAE
+            the pipeline still encodes prompts.
+        vae ([`AutoencoderKL`] or [`PixelShuffleAutoencoder`], *optional*):
+            Decodes the latents into images, as in Stable Diffusion; [`PixelShuffleAutoencoder`] for tiny images.
+            Needed to generate images only.
+        scheduler ([`SchedulerMixin`]):
+            Combined with `unet` to denoise the latents: DDPM for the released weights; any diffusers scheduler works.
+        reranker (`PreTrainedModel`, *optional*):
+            A CLIP-style model (its output has `logits_per_image`) that `rerank=N` uses to keep the best of N
+            candidates (Chinese-CLIP in the paper).
+        reranker_processor (`ProcessorMixin`, *optional*):
+            The reranker's processor, called with `text=` and `images=`.
+        safety_checker (`StableDiffusionSafetyChecker`, *optional*):
+            Stable Diffusion's safety checker; what it flags is reported in `nsfw_content_detected`.
+        feature_extractor (`CLIPImageProcessor`, *optional*):
+            The safety checker's image processor.
     """
 
     model_cpu_offload_seq = "text_encoder->transblock->unet->vae"
@@ -162,9 +184,28 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "VisCPMPaintPipeline":
-        """Loads a local folder or a Hub repo; a repo is downloaded first, since diffusers cannot resolve the
-        third-party components of a repo it has not downloaded (diffusers#6563). Components saved as null (e.g. a
-        folder shipped without its text encoder) load as None, as in diffusers."""
+        """Loads the pipeline from a local folder or a Hub repo.
+
+        A repo is downloaded first, since diffusers cannot resolve the third-party components of a repo it has not
+        downloaded (diffusers#6563). Components saved as null (e.g. a folder shipped without its text encoder) load as
+        None, as in diffusers.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`):
+                A pipeline folder (the one with `model_index.json`) or a Hub repo id of the form `owner/name`.
+            kwargs (`dict[str, Any]`, *optional*):
+                Passed to `DiffusionPipeline.from_pretrained` (e.g. `dtype`, or a component such as `text_encoder=...`);
+                the download options among them (`cache_dir`, `revision`, `token`, `local_files_only`,
+                `force_download`, `proxies`) apply to the download too.
+
+        Returns:
+            The loaded pipeline.
+
+        Raises:
+            NotADirectoryError: `pretrained_model_name_or_path` is a file.
+            FileNotFoundError: a local path that does not exist, or a repo that can be neither downloaded nor found in
+                the cache.
+        """
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
         from huggingface_hub.utils import validate_repo_id
@@ -236,13 +277,34 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         negative_prompt: str | list[str] | None = None,
         lora_scale: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-        """Runs the text encoder once over all prompts (and negative prompts) and the transblock.
+        """Encodes prompts into the UNet's conditioning: the text encoder runs once over all prompts (and negative
+        prompts), then the transblock.
 
-        Returns `(prompt_embeds, negative_prompt_embeds, prompt_attention_mask, negative_prompt_attention_mask)`,
-        embeds `(batch * num_images_per_prompt, length, cross_attention_dim)`, masks `(batch * num_images, length)`:
-        the mask of `encode_text`, which covers padded rows where the tokenizer says they condition (the
-        released model's prompts, as the original). Prompts longer than `max_prompt_length` are truncated with a warning.
-        `lora_scale` scales LoRA layers loaded into the text encoder, as in Stable Diffusion.
+        Args:
+            prompt (`str` or `list[str]`):
+                The prompt or prompts; longer than `max_prompt_length` tokens, they are truncated with a warning.
+            device (`torch.device`, *optional*):
+                Where the embeddings and masks go; defaults to the pipeline's execution device.
+            num_images_per_prompt (`int`, *optional*, defaults to 1):
+                How many times each prompt's embeddings are repeated.
+            do_classifier_free_guidance (`bool`, *optional*, defaults to `True`):
+                Whether to encode the negative prompts too (the unconditional branch).
+            negative_prompt (`str` or `list[str]`, *optional*):
+                One for all prompts or one per prompt; the empty prompt when omitted, as the original. Ignored without
+                guidance.
+            lora_scale (`float`, *optional*):
+                Scales LoRA layers loaded into the text encoder, as in Stable Diffusion.
+
+        Returns:
+            `(prompt_embeds, negative_prompt_embeds, prompt_attention_mask, negative_prompt_attention_mask)`: embeds
+                `(batch * num_images_per_prompt, length, cross_attention_dim)`, masks `(batch * num_images_per_prompt,
+                length)`; the negative ones are None without guidance. The masks are those of `encode_text` through
+                `VisCPMTransBlock.conditioning_mask`: they cover padded rows where the tokenizer says they condition
+                (the released model's prompts, as the original).
+
+        Raises:
+            ValueError: the pipeline has no text encoder or tokenizer, or `negative_prompt` has another number of
+                entries than `prompt`.
         """
         self._require_text_encoder()
         device = device or self._execution_device
@@ -275,14 +337,30 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         device: torch.device | None = None,
         max_length: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The text encoder's final hidden states `(texts, length, hidden)` of `prompts` then `negative_prompts`, and
-        the mask `(texts, length)` of the positions that condition the UNet: what the transblock reads, and what
-        training caches.
+        """The text encoder's final hidden states of `prompts` then `negative_prompts`, and the mask of the positions
+        that condition the UNet: what the transblock reads, and what training caches.
 
-        Texts longer than `max_length` tokens (default `max_prompt_length`) lose tokens from their end, with a warning.
         The mask hides padding, unless the tokenizer's `conditioning_mask` says it conditions too (the released
         model's prompts: the original feeds the UNet the `<pad>` rows of each prompt and its negative, padded to the
         longer of the two); then it covers each text's pair.
+
+        Args:
+            prompts (`list[str]`):
+                The texts to encode.
+            negative_prompts (`list[str]`, *optional*):
+                One per prompt, encoded in the same batch, after the prompts.
+            device (`torch.device`, *optional*):
+                Where the text encoder's inputs go; defaults to the pipeline's execution device.
+            max_length (`int`, *optional*):
+                Texts longer than this many tokens lose tokens from their end, with a warning; defaults to
+                `max_prompt_length` (no limit when that is None).
+
+        Returns:
+            `(hidden_states, mask)`: `(texts, length, hidden)` and `(texts, length)`, on the text encoder's device, the
+                texts being `prompts` then `negative_prompts`.
+
+        Raises:
+            ValueError: the pipeline has no text encoder or tokenizer, or the tokenizer gives no token for a text.
         """
         self._require_text_encoder()
         device = device or self._execution_device
@@ -332,9 +410,23 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 )
 
     def set_caption_anchors(self, captions: list[str], temperature: float = 0.03, batch_size: int = 64) -> None:
-        """Anchors the transblock on these captions (e.g. the English training captions) and on the empty one: each
-        prompt's sentence vector is replaced by a mix of the anchors nearest to it (see `VisCPMTransBlock`). Saved
-        with the pipeline; a prompt in another language then draws what its nearest training caption draws."""
+        """Anchors the transblock on these captions and on the empty one: each prompt's sentence vector is then
+        replaced by a mix of the anchors nearest to it (see [`VisCPMTransBlock`]). Saved with the pipeline; a prompt in
+        another language then draws what its nearest training caption draws.
+
+        Args:
+            captions (`list[str]`):
+                Non-empty captions, e.g. the English training captions; the empty caption is added here.
+            temperature (`float`, *optional*, defaults to 0.03):
+                Relative to the median squared distance between an anchor and its nearest neighbour: near 0, a prompt
+                takes its nearest anchor (see `VisCPMTransBlock.set_anchors`).
+            batch_size (`int`, *optional*, defaults to 64):
+                Captions per text encoder pass.
+
+        Raises:
+            ValueError: `captions` is empty or holds an empty caption, or the transblock was not built with
+                `sentence_token="only"`.
+        """
         if not captions or not all(isinstance(c, str) and c for c in captions):
             raise ValueError(
                 "captions must be a non-empty list of non-empty strings (the empty caption is added here)."
@@ -386,7 +478,57 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         callback_on_step_end_tensor_inputs,
         guidance_rescale=0.0,
     ) -> None:
-        """Every argument of `__call__`, checked before any work; each error names the argument and what it takes."""
+        """Checks every argument of `__call__` before any work; each error names the argument and what it takes.
+
+        Args:
+            prompt (`str` or `list[str]`, *optional*):
+                A string or a non-empty list of strings; needs the text encoder and tokenizer. Exactly one of `prompt`
+                and `prompt_embeds`.
+            height (`int`):
+                A positive multiple of `vae_scale_factor`.
+            width (`int`):
+                A positive multiple of `vae_scale_factor`.
+            num_inference_steps (`int`):
+                Positive, unless `timesteps` is given.
+            timesteps (`list[int]`, *optional*):
+                Non-empty; only for schedulers whose `set_timesteps` takes `timesteps`.
+            guidance_scale (`float`):
+                Finite and >= 0.
+            negative_prompt (`str` or `list[str]`, *optional*):
+                One for all prompts or one per prompt; with a text `prompt` and `guidance_scale > 1` only.
+            num_images_per_prompt (`int`):
+                Positive.
+            eta (`float`):
+                Finite and >= 0.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+                A list holds one generator per image (prompts x `num_images_per_prompt` x `rerank`).
+            latents (`torch.Tensor`, *optional*):
+                Finite floating-point values of shape `(images, unet in_channels, height / vae_scale_factor,
+                width / vae_scale_factor)`.
+            prompt_embeds (`torch.Tensor`, *optional*):
+                Finite, of shape `(batch, length, cross_attention_dim)`.
+            negative_prompt_embeds (`torch.Tensor`, *optional*):
+                With `prompt_embeds` only, of the same batch size; required with it when `guidance_scale > 1`.
+            prompt_attention_mask (`torch.Tensor`, *optional*):
+                With `prompt_embeds` only, of shape `prompt_embeds.shape[:2]`.
+            negative_prompt_attention_mask (`torch.Tensor`, *optional*):
+                With `negative_prompt_embeds` only, of shape `negative_prompt_embeds.shape[:2]`.
+            rerank (`int`, *optional*):
+                Positive; needs the reranker, its processor and a text `prompt`.
+            output_type (`str`):
+                One of `"pil"`, `"np"`, `"pt"`, `"latent"`.
+            cross_attention_kwargs (`dict`, *optional*):
+                A dict whose `"scale"`, if given, is a finite number.
+            callback_on_step_end (`Callable`, *optional*):
+                Callable.
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*):
+                Names among `_callback_tensor_inputs`.
+            guidance_rescale (`float`, *optional*, defaults to 0.0):
+                In [0, 1].
+
+        Raises:
+            ValueError: naming the argument that is wrong and what it takes.
+        """
         for name, value in (("height", height), ("width", width)):
             if not _is_integer(value) or value <= 0:
                 raise ValueError(
@@ -557,6 +699,31 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     # 3. Latents and sampling
 
     def prepare_latents(self, batch_size, num_channels_latents, height, width, dtype, device, generator, latents=None):
+        """The initial latents: drawn noise, or the given `latents`, scaled by the scheduler's `init_noise_sigma`.
+
+        Args:
+            batch_size (`int`):
+                The number of latents (prompts x images per prompt x `rerank` candidates).
+            num_channels_latents (`int`):
+                The UNet's `in_channels`.
+            height (`int`):
+                The image height in pixels.
+            width (`int`):
+                The image width in pixels.
+            dtype (`torch.dtype`):
+                The dtype of the latents (that of the UNet conditioning).
+            device (`torch.device`):
+                Where the latents go.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+                Draws the noise; a list holds one generator per latent.
+            latents (`torch.Tensor`, *optional*):
+                Noise to start from instead of drawing it; moved to `device` and cast to `dtype`, as drawn noise would
+                be.
+
+        Returns:
+            latents (`torch.Tensor`): `(batch_size, num_channels_latents, height / vae_scale_factor,
+                width / vae_scale_factor)`.
+        """
         shape = (batch_size, num_channels_latents, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
@@ -605,7 +772,18 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         return self.safety_checker(images=image, clip_input=checker_input.pixel_values.to(dtype))
 
     def rerank_scores(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """Image-text score of each image `(n, 3, h, w)` in [0, 1] against its prompt, from the reranker."""
+        """Scores each image against its prompt with the reranker, for `rerank`'s best-of-N.
+
+        Args:
+            images (`torch.Tensor`):
+                Decoded images `(n, 3, h, w)`, in [-1, 1] as the VAE gives them.
+            prompts (`list[str]`):
+                One prompt per image.
+
+        Returns:
+            The `(n,)` float32 scores on the CPU: the reranker's `logits_per_image` of each image with its own prompt
+                (higher: a better match).
+        """
         pil_images = self.image_processor.postprocess(images, output_type="pil")
         inputs = self.reranker_processor(text=prompts, images=pil_images, return_tensors="pt", padding=True)
         with torch.no_grad():
@@ -641,30 +819,84 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         r"""
         Generates images from prompts in any language the text encoder knows.
 
-        Args:
-            prompt: The prompt(s); longer than `max_prompt_length` tokens, they are truncated with a warning.
-            height, width: default the UNet's sample size times the VAE factor.
-            num_inference_steps (defaults to 50), timesteps: the schedule (DDPM as the paper by default).
-            guidance_scale (defaults to 7.5): classifier-free guidance, off at 1 or below; the unconditional branch
-                encodes `negative_prompt`, or the empty prompt, as the original.
-            guidance_rescale (defaults to 0.0): rescales the guided prediction towards the standard deviation of the
-                conditional one ("Common Diffusion Noise Schedules and Sample Steps are Flawed", section 3.4), which
-                keeps strong guidance from over-saturating v-prediction models; 0 leaves guidance as is.
-            num_images_per_prompt, eta, generator, latents: as in Stable Diffusion.
-            prompt_embeds, negative_prompt_embeds: precomputed UNet conditioning (transblock outputs, e.g. from
-                `encode_prompt`), with their optional `prompt_attention_mask` / `negative_prompt_attention_mask`;
-                the only input of a pipeline built without text encoder and tokenizer.
-            rerank (`int`, *optional*): generate this many candidates per image and keep the best by the reranker's
-                image-text score (the paper's best-of-N).
-            output_type: "pil", "np", "pt" or "latent". return_dict: a `VisCPMPaintPipelineOutput` or a tuple.
-            cross_attention_kwargs (`dict`, *optional*): passed to the UNet's attention processors, as in Stable
-                Diffusion; `"scale"` weighs loaded LoRA layers (0 turns them off).
-            callback_on_step_end, callback_on_step_end_tensor_inputs: called after every step with the tensors
-                named. It returns a dict of the tensors it replaces for the remaining steps (`latents`,
-                `prompt_embeds`, `negative_prompt_embeds`, each keeping its shape), or None to replace none.
-
         Every argument is checked before any work (`check_inputs`). One call at a time per scheduler: see the class
         docstring for concurrent requests.
+
+        Args:
+            prompt (`str` or `list[str]`, *optional*):
+                The prompt or prompts to guide image generation; if not given, pass `prompt_embeds`. Prompts longer
+                than `max_prompt_length` tokens are truncated, with a warning.
+            height (`int`, *optional*, defaults to `self.unet.config.sample_size * self.vae_scale_factor`):
+                The height in pixels of the generated images; a multiple of `vae_scale_factor`.
+            width (`int`, *optional*, defaults to `self.unet.config.sample_size * self.vae_scale_factor`):
+                The width in pixels of the generated images; a multiple of `vae_scale_factor`.
+            num_inference_steps (`int`, *optional*, defaults to 50):
+                The number of denoising steps; ignored when `timesteps` is given.
+            timesteps (`list[int]`, *optional*):
+                Custom timesteps, for schedulers whose `set_timesteps` takes them; they replace
+                `num_inference_steps`. By default the scheduler spaces its own (DDPM, as the paper, for the released
+                weights).
+            guidance_scale (`float`, *optional*, defaults to 7.5):
+                Classifier-free guidance scale, off at 1 or below; higher values follow the prompt more closely. The
+                unconditional branch encodes `negative_prompt`, or the empty prompt, as the original.
+            guidance_rescale (`float`, *optional*, defaults to 0.0):
+                In [0, 1]: rescales the guided prediction towards the standard deviation of the conditional one
+                ("Common Diffusion Noise Schedules and Sample Steps are Flawed", section 3.4), which keeps strong
+                guidance from over-saturating v-prediction models; 0 leaves guidance as is.
+            negative_prompt (`str` or `list[str]`, *optional*):
+                What the images should not show: one string for all prompts or one per prompt. Needs
+                `guidance_scale > 1`; with `prompt_embeds`, pass `negative_prompt_embeds` instead.
+            num_images_per_prompt (`int`, *optional*, defaults to 1):
+                The number of images to generate per prompt.
+            eta (`float`, *optional*, defaults to 0.0):
+                The η of the DDIM paper; only schedulers whose `step` takes `eta` (DDIM) use it, others ignore it.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+                A generator, or one per image (prompts x `num_images_per_prompt` x `rerank`), to make generation
+                deterministic.
+            latents (`torch.Tensor`, *optional*):
+                Noise `(images, unet in_channels, height / vae_scale_factor, width / vae_scale_factor)` to start from
+                instead of drawing it with `generator`; scaled by the scheduler's `init_noise_sigma`.
+            prompt_embeds (`torch.Tensor`, *optional*):
+                Precomputed UNet conditioning `(batch, length, cross_attention_dim)` (transblock outputs, e.g. from
+                `encode_prompt`), instead of `prompt`; the only input of a pipeline built without text encoder and
+                tokenizer.
+            negative_prompt_embeds (`torch.Tensor`, *optional*):
+                Precomputed conditioning of the unconditional branch, with `prompt_embeds` and of its batch size;
+                required with it when `guidance_scale > 1`.
+            prompt_attention_mask (`torch.Tensor`, *optional*):
+                The mask `(batch, length)` of `prompt_embeds` (1: the position conditions the UNet), e.g. from
+                `encode_prompt`; without it every position conditions. A text `prompt` makes its own.
+            negative_prompt_attention_mask (`torch.Tensor`, *optional*):
+                The mask of `negative_prompt_embeds`, likewise.
+            rerank (`int`, *optional*):
+                Generate this many candidates per image and keep the best by the reranker's image-text score (the
+                paper's best-of-N); needs `reranker`, `reranker_processor` and a text `prompt`.
+            output_type (`str`, *optional*, defaults to `"pil"`):
+                `"pil"`, `"np"`, `"pt"`, or `"latent"` for the denoised latents, not decoded.
+            return_dict (`bool`, *optional*, defaults to `True`):
+                Whether to return a [`VisCPMPaintPipelineOutput`] instead of a plain tuple.
+            cross_attention_kwargs (`dict`, *optional*):
+                Passed to the UNet's attention processors, as in Stable Diffusion; `"scale"` weighs loaded LoRA layers
+                (0 turns them off), of the text encoder too.
+            callback_on_step_end (`Callable`, [`PipelineCallback`] or [`MultiPipelineCallbacks`], *optional*):
+                Called after every denoising step as `callback_on_step_end(pipe, step, timestep, callback_kwargs)`,
+                `callback_kwargs` holding the tensors named by `callback_on_step_end_tensor_inputs`. It returns a dict
+                of the tensors it replaces for the remaining steps (`latents`, `prompt_embeds`,
+                `negative_prompt_embeds`, each keeping its shape), or None to replace none.
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to `["latents"]`):
+                The tensors passed to `callback_on_step_end`, among `_callback_tensor_inputs`; a `PipelineCallback`
+                brings its own `tensor_inputs`.
+
+        Returns:
+            [`VisCPMPaintPipelineOutput`] if `return_dict` is True, otherwise the tuple `(images,
+                nsfw_content_detected)`: the images in `output_type`, and per image whether the safety checker flagged
+                it (None without a checker).
+
+        Raises:
+            ValueError: an argument that `check_inputs` refuses, a pipeline without UNet or VAE, or a tensor that
+                `callback_on_step_end` cannot replace (an unknown name, another shape).
+            RuntimeError: the scheduler is denoising in another call.
+            TypeError: `callback_on_step_end` returns something other than a dict or None.
         """
         self._require_denoiser()
         if height is None:

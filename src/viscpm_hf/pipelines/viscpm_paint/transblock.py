@@ -18,11 +18,6 @@ class VisCPMTransBlock(StrictLoadingMixin, ModelMixin, ConfigMixin):
     """Linear (no bias) then LayerNorm, kept in float32 as the original: `(batch, length, in_features)` ->
     `(batch, length, out_features)`. With the LLM frozen, this and the UNet's cross-attention are what Paint trains.
 
-    `sentence_token` adds the masked mean of the hidden states as one more conditioning token ("prepend": before
-    the token states; "only": instead of them). With a sentence encoder as the pivot (e5), that mean is the very
-    vector the encoder aligned across languages, so conditioning on it carries over to unseen languages better
-    than the language-specific token states do. "none" (the original) keeps the token states only.
-
     Caption anchors (`set_anchors`, with `sentence_token="only"`) replace the sentence vector by a softmax-weighted
     mix of the sentence vectors of known captions, nearest first. A prompt in another language lands near, not on,
     its English caption, where a UNet trained on English conditions blends neighbouring images; the anchors move it
@@ -30,6 +25,29 @@ class VisCPMTransBlock(StrictLoadingMixin, ModelMixin, ConfigMixin):
     price of drawing only mixes of the anchors' captions.
 
     `from_pretrained` refuses weights with missing or unexpected tensors (see `StrictLoadingMixin`).
+
+    Args:
+        in_features (`int`, *optional*, defaults to 4096):
+            The text encoder's hidden size.
+        out_features (`int`, *optional*, defaults to 1024):
+            The UNet's `cross_attention_dim`.
+        layer_norm_eps (`float`, *optional*, defaults to 1e-6):
+            The LayerNorm's epsilon.
+        sentence_token (`str`, *optional*, defaults to `"none"`):
+            Adds the masked mean of the hidden states as one more conditioning token: `"prepend"` before the token
+            states, `"only"` instead of them; `"none"` (the original) keeps the token states only. With a sentence
+            encoder as the pivot (e5), that mean is the very vector the encoder aligned across languages, so
+            conditioning on it carries over to unseen languages better than the language-specific token states do.
+        num_language_directions (`int`, *optional*, defaults to 0):
+            How many language directions to hold (set by `set_language_directions`); `forward` projects them out of
+            the hidden states first.
+        num_anchors (`int`, *optional*, defaults to 0):
+            How many caption anchors to hold (set by `set_anchors`); needs `sentence_token="only"`.
+        anchor_temperature (`float`, *optional*, defaults to 1.0):
+            The softmax temperature over the squared distances to the anchors; `set_anchors` sets it.
+
+    Raises:
+        ValueError: an unknown `sentence_token`, or anchors without `sentence_token="only"`.
     """
 
     _keep_in_fp32_modules = ["projection", "layer_norm"]
@@ -37,7 +55,15 @@ class VisCPMTransBlock(StrictLoadingMixin, ModelMixin, ConfigMixin):
     def to(self, *args, **kwargs):
         """Moves the transblock to a device, but keeps its weights in float32 under a floating-point dtype, as
         `from_pretrained(dtype=...)` does: `pipe.to(torch.float16)` casts the UNet, VAE and LLM, not the conditioning
-        (the original's transblock runs in float32). `.half()` / `.bfloat16()` still cast it, if that is meant."""
+        (the original's transblock runs in float32). `.half()` / `.bfloat16()` still cast it, if that is meant.
+
+        Args:
+            args (`tuple`, *optional*):
+                As for `torch.nn.Module.to`: a device, a dtype (a floating-point one is dropped), a tensor (its device
+                only), `non_blocking`.
+            kwargs (`dict[str, Any]`, *optional*):
+                As for `torch.nn.Module.to` (`device`, `dtype`, `non_blocking`); a floating-point `dtype` is dropped.
+        """
         kwargs = dict(kwargs)
         if isinstance(kwargs.get("dtype"), torch.dtype) and kwargs["dtype"].is_floating_point:
             del kwargs["dtype"]
@@ -78,8 +104,17 @@ class VisCPMTransBlock(StrictLoadingMixin, ModelMixin, ConfigMixin):
 
     @torch.no_grad()
     def set_language_directions(self, states_by_language: Sequence[torch.Tensor]) -> None:
-        """Estimates the language directions from `(n_l, in_features)` hidden states (e.g. mean-pooled sentence
-        states) of text in each language: the orthonormal span of the per-language means around their mean."""
+        """Estimates the language directions that `forward` projects out of the hidden states: the orthonormal span
+        of the per-language means around their mean.
+
+        Args:
+            states_by_language (`Sequence[torch.Tensor]`):
+                Per language, `(n_l, in_features)` hidden states of text in that language (e.g. mean-pooled sentence
+                states); more languages than `num_language_directions`.
+
+        Raises:
+            ValueError: the transblock holds no directions, or there are not more languages than directions.
+        """
         count = self.config.num_language_directions
         if not count or len(states_by_language) <= count:
             raise ValueError(
@@ -92,10 +127,21 @@ class VisCPMTransBlock(StrictLoadingMixin, ModelMixin, ConfigMixin):
 
     @torch.no_grad()
     def set_anchors(self, sentence_states: torch.Tensor, temperature: float = 0.03) -> None:
-        """Keeps `(n, in_features)` sentence vectors (masked means of the hidden states, e.g. of the English training
-        captions and of the empty caption, so that the unconditional branch stays itself) as anchors. `temperature`
-        is relative to the median squared distance between an anchor and its nearest neighbour: near 0, a prompt
-        takes its nearest anchor; towards 1, farther anchors weigh in and prompts blur into their mean."""
+        """Keeps sentence vectors as the anchors that `forward` mixes in place of each prompt's sentence vector.
+
+        Args:
+            sentence_states (`torch.Tensor`):
+                `(n >= 2, in_features)` sentence vectors (masked means of the hidden states, see `sentence_vectors`),
+                e.g. of the English training captions and of the empty caption, so that the unconditional branch stays
+                itself.
+            temperature (`float`, *optional*, defaults to 0.03):
+                Relative to the median squared distance between an anchor and its nearest neighbour: near 0, a prompt
+                takes its nearest anchor; towards 1, farther anchors weigh in and prompts blur into their mean.
+
+        Raises:
+            ValueError: the transblock was not built with `sentence_token="only"`, `sentence_states` has another
+                shape, or `temperature` is not positive.
+        """
         if self.config.sentence_token != "only":
             raise ValueError(
                 "Caption anchors replace the sentence token: build the transblock with sentence_token='only'."
@@ -114,8 +160,17 @@ class VisCPMTransBlock(StrictLoadingMixin, ModelMixin, ConfigMixin):
 
     @staticmethod
     def sentence_vectors(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`(batch, length, features)` -> `(batch, features)`: the mean over the real tokens (1 in `attention_mask`),
-        the sentence vector that the sentence token and the anchors are made of."""
+        """The mean over the real tokens: the sentence vector that the sentence token and the anchors are made of.
+
+        Args:
+            hidden_states (`torch.Tensor`):
+                `(batch, length, features)`.
+            attention_mask (`torch.Tensor`, *optional*):
+                `(batch, length)`, 1 for a real token; without it every position is one.
+
+        Returns:
+            The sentence vectors `(batch, features)`.
+        """
         if attention_mask is None:
             return hidden_states.mean(dim=1)
         weights = attention_mask.to(hidden_states.dtype).unsqueeze(-1)
@@ -128,8 +183,19 @@ class VisCPMTransBlock(StrictLoadingMixin, ModelMixin, ConfigMixin):
         return hidden_states - (hidden_states @ directions.T) @ directions
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`attention_mask` `(batch, length)` (1 = token) only matters for the sentence token, which averages the
-        real tokens; pair the output with `conditioning_mask(attention_mask)`."""
+        """Maps the text encoder's hidden states to the UNet's conditioning.
+
+        Args:
+            hidden_states (`torch.Tensor`):
+                `(batch, length, in_features)`, the text encoder's final hidden states.
+            attention_mask (`torch.Tensor`, *optional*):
+                `(batch, length)`, 1 for a token; it only matters for the sentence token, which averages the real
+                tokens.
+
+        Returns:
+            The conditioning `(batch, length', out_features)`: `length'` is `length`, one more with
+                `sentence_token="prepend"`, 1 with `"only"`. Pair it with `conditioning_mask(attention_mask)`.
+        """
         hidden_states = self._remove_language_directions(hidden_states.to(self.projection.weight.dtype))
         if self.config.sentence_token != "none":
             sentence = self.sentence_vectors(hidden_states, attention_mask).unsqueeze(1)
@@ -141,7 +207,16 @@ class VisCPMTransBlock(StrictLoadingMixin, ModelMixin, ConfigMixin):
         return self.layer_norm(self.projection(hidden_states))
 
     def conditioning_mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-        """The mask of `forward`'s output, given the mask of its input (None: every position is a token)."""
+        """The mask of `forward`'s output, given the mask of its input.
+
+        Args:
+            attention_mask (`torch.Tensor`, *optional*):
+                The mask `(batch, length)` of `forward`'s input; None: every position is a token.
+
+        Returns:
+            The mask `(batch, length')` of `forward`'s output, where the sentence token counts; None when
+                `attention_mask` is None.
+        """
         if attention_mask is None or self.config.sentence_token == "none":
             return attention_mask
         sentence = attention_mask.new_ones(attention_mask.shape[0], 1)
