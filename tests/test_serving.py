@@ -1,15 +1,19 @@
-"""`viscpm-serve` (transformers' own `transformers serve`) answers OpenAI chat completions with VisCPM-Chat folders.
+"""`viscpm-serve` (transformers' own `transformers serve`) answers OpenAI chat completions with VisCPM-Chat folders,
+and reads no more than its flags allow.
 
-Each server is a subprocess on 127.0.0.1 and a free port, ready once `/health` answers, always ended; the two start
-together, one through the console script `viscpm-serve`, one through `python -m viscpm_hf.serving`. Their answers,
-streamed or not, must equal `generate` on the same messages and decoding: for a tiny Qwen2-based VisCPM-Chat (the
-image as a data URI, raw base64, a local path and a file:// URI) and for the converted CPM-Bee one (a data URI: the
-image forms are the processor's, the same for both).
+Each server is a subprocess on 127.0.0.1 and a free port, ready once `/health` answers, always ended; they start
+together, through the console script `viscpm-serve` or `python -m viscpm_hf.serving`. Their answers, streamed or not,
+must equal `generate` on the same messages and decoding: for a tiny Qwen2-based VisCPM-Chat (the image as a data URI,
+raw base64, a local path, a file:// URI and an http URL, on a server started with the flags that allow them) and for
+the converted CPM-Bee one (a data URI: the image forms are the processor's, the same for both). Servers with the
+default flags, and with remote images but no private addresses, refuse what they must with OpenAI's error JSON; image
+URLs lead to an `ImageHost` on 127.0.0.1, never further.
 """
 
 import base64
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -18,11 +22,13 @@ import sysconfig
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 from parity import PARITY_DIR, json_file, require_parity
+from test_image_inputs import ImageHost, png_header
 from tiny_models import make_chat_model, make_processor, random_image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.cli.serving import model_manager
@@ -37,12 +43,13 @@ from viscpm_hf.integrations import transformers_serve
 if not is_serve_available():
     pytest.skip("transformers serve needs its extras: pip install 'viscpm-hf[serve]'", allow_module_level=True)
 
-READY_TIMEOUT_S = 120  # importing torch, transformers and viscpm_hf, then loading the model, on a slow CI machine
+READY_TIMEOUT_S = 240  # importing torch, transformers and viscpm_hf, then loading the model, 4 servers on 2 busy cores
 REQUEST_TIMEOUT_S = 60
 MAX_TOKENS = 6
 QUESTION = "What is in the image?"
-IMAGE_FORMS = ["data_uri", "base64", "path", "file_uri"]
+IMAGE_FORMS = ["data_uri", "base64", "path", "file_uri", "http"]
 CASES = [("generic", form) for form in IMAGE_FORMS] + [("cpmbee", "data_uri")]
+NO_PROXY = {"no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}  # image URLs stay on this machine
 
 
 def console_script() -> list[str]:
@@ -53,17 +60,19 @@ def console_script() -> list[str]:
 
 
 class Server:
-    """`launcher FOLDER` (`viscpm-serve FOLDER` or the like) on a free port of 127.0.0.1, its output in `log`."""
+    """`launcher FOLDER` (`viscpm-serve FOLDER` or the like) on a free port of 127.0.0.1, its output in `log`. Without a
+    folder it loads no model: enough for requests the server refuses before it looks for one."""
 
-    def __init__(self, launcher: list[str], folder: Path, log: Path):
+    def __init__(self, launcher: list[str], folder: Path | None, log: Path, flags: tuple[str, ...] = ()):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         self.url, self.log = f"http://127.0.0.1:{port}", log
-        command = [*launcher, str(folder), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
+        model = [] if folder is None else [str(folder)]
+        command = [*launcher, *model, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", *flags]
         with open(log, "wb") as output:
             self.process = subprocess.Popen(
-                command, stdout=output, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+                command, stdout=output, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1", **NO_PROXY}
             )
 
     def output(self) -> str:
@@ -97,10 +106,10 @@ class Server:
 @dataclass
 class Served:
     server: Server
-    folder: Path
-    model: object
-    processor: object
-    greedy: dict  # the greedy decoding, as the request's `generation_config` and as `generate` kwargs
+    folder: Path | None  # None: no model (see `servers`)
+    model: object = None
+    processor: object = None
+    greedy: dict | None = None  # the greedy decoding, as the request's `generation_config` and as `generate` kwargs
 
 
 def generic_folder(parent: Path) -> tuple[Path, dict]:
@@ -130,21 +139,53 @@ def cpmbee_folder(parent: Path) -> tuple[Path, dict]:
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory):
-    """Both servers, started together (each spends most of its start importing); stopped whatever happens."""
+def image_host():
+    host = ImageHost()
+    yield host
+    host.close()
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory, image_host):
+    """The test image, in the folder the open server reads, and at `/image.png` of the image host."""
+    path = tmp_path_factory.mktemp("images") / "image.png"
+    random_image(0).save(path)
+    image_host.add("/image.png", path.read_bytes())
+    return path
+
+
+SLOW_IMAGE_S = 10  # how long the slow image source waits before it answers (see the load test)
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory, image_file):
+    """All the servers, started together (each spends most of its start importing); stopped whatever happens.
+
+    'generic' (the tiny Qwen2 folder) reads images from everywhere: files in `image_file`'s folder only, any URL.
+    'cpmbee' (the converted folder) has the default flags: inline images only. 'closed' (the defaults) and 'remote'
+    (--allow-remote-images, public addresses only) load no model: the requests sent to them are refused before serve
+    looks for one, and a server without a model starts in one import, not two (5.25 spawns a model's process)."""
     parent = tmp_path_factory.mktemp("served")
-    folders = {"generic": generic_folder(parent)}
+    python_m = [sys.executable, "-m", "viscpm_hf.serving"]
+    open_flags = ["--allow-local-images", str(image_file.parent), "--allow-remote-images", "--allow-private-addresses"]
+    setups = {  # name: launcher, (folder, greedy decoding) or None, flags
+        "generic": (console_script(), generic_folder(parent), [*open_flags, "--image-timeout", str(4 * SLOW_IMAGE_S)]),
+        "closed": (console_script(), None, []),
+        "remote": (python_m, None, ["--allow-remote-images"]),
+    }
     if PARITY_DIR.is_dir():
-        folders["cpmbee"] = cpmbee_folder(parent)
-    launchers = {"generic": console_script(), "cpmbee": [sys.executable, "-m", "viscpm_hf.serving"]}
+        setups["cpmbee"] = (python_m, cpmbee_folder(parent), [])
     started = {}
     try:
-        for name, (folder, _) in folders.items():
-            started[name] = Server(launchers[name], folder, parent / f"{name}.log")
+        for name, (launcher, folder, flags) in setups.items():
+            started[name] = Server(launcher, folder and folder[0], parent / f"{name}.log", flags)
         loaded = {}
-        for name, (folder, greedy) in folders.items():  # loaded here while the servers load theirs
-            model = AutoModelForImageTextToText.from_pretrained(folder).eval()
-            loaded[name] = Served(started[name], folder, model, AutoProcessor.from_pretrained(folder), greedy)
+        for name, (_, folder, _) in setups.items():  # loaded here while the servers load theirs
+            if folder is None:
+                loaded[name] = Served(started[name], None)
+                continue
+            model = AutoModelForImageTextToText.from_pretrained(folder[0]).eval()
+            loaded[name] = Served(started[name], folder[0], model, AutoProcessor.from_pretrained(folder[0]), folder[1])
         for server in started.values():
             server.wait_until_ready()
         yield loaded
@@ -160,18 +201,11 @@ def served(request, servers) -> Served:
     return servers[request.param]
 
 
-@pytest.fixture(scope="module")
-def image_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("images") / "image.png"
-    random_image(0).save(path)
-    return path
-
-
-def image_url(form: str, path: Path) -> str:
-    """The image file as an OpenAI `image_url` may give it."""
+def image_url(form: str, path: Path, host: ImageHost | None = None) -> str:
+    """The image file as an OpenAI `image_url` may give it (`http`: at `host`, where `image_file` put it)."""
     encoded = base64.b64encode(path.read_bytes()).decode()
     forms = {"data_uri": f"data:image/png;base64,{encoded}", "base64": encoded}
-    forms.update(path=str(path), file_uri=path.as_uri())
+    forms.update(path=str(path), file_uri=path.as_uri(), http=host and f"{host.url}/{path.name}")
     return forms[form]
 
 
@@ -243,9 +277,10 @@ def test_a_converted_folder_names_its_architecture(servers):
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @pytest.mark.parametrize("served, form", CASES, indirect=["served"])
-def test_greedy_answer_equals_generate(served, image_file, form, stream):
+def test_greedy_answer_equals_generate(served, image_file, image_host, form, stream):
     expected, prompt_length = generated(served, **served.greedy)
-    answer = chat(served, openai_turn(image_url(form, image_file)), stream, generation_config=json.dumps(served.greedy))
+    url = image_url(form, image_file, image_host)
+    answer = chat(served, openai_turn(url), stream, generation_config=json.dumps(served.greedy))
     assert expected and answer["text"] == expected
     assert answer["usage"]["prompt_tokens"] == prompt_length  # the same prompt, image placeholders included
     assert answer["finish_reason"] in ("stop", "length")
@@ -306,3 +341,156 @@ def test_a_program_that_imports_viscpm_hf_serving_only_when_run(servers, image_f
         assert expected and answer["text"] == expected
     finally:
         server.stop()
+
+
+# --- what clients can make the server read, and how it refuses ------------------------------------------------------
+
+IMAGE_PARAM = "messages[0].content[0].image_url"
+
+
+def post(server: Server, body: dict | bytes, timeout: float = REQUEST_TIMEOUT_S) -> tuple[int, dict]:
+    """A chat completion's HTTP status and JSON answer, whatever the status."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(f"{server.url}/v1/chat/completions", data, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def asking(url: str, **fields) -> dict:
+    """A request asking the question about the image at `url`."""
+    return {"messages": openai_turn(url), "max_tokens": MAX_TOKENS, **fields}
+
+
+def assert_refused(server: Server, body: dict | bytes, status: int, message: str, param: str | None = None) -> None:
+    """The request gets `status` and OpenAI's error JSON, its message matching `message` (a regex)."""
+    answer_status, answer = post(server, body)
+    assert answer_status == status, f"{answer}; the server said:\n{server.output()}"
+    assert list(answer) == ["error"] and answer["error"]["type"] == "invalid_request_error", answer
+    assert set(answer["error"]) == {"message", "type", "param", "code"}, answer
+    assert re.search(message, answer["error"]["message"]), answer["error"]["message"]
+    assert answer["error"]["param"] == param, answer
+
+
+def test_local_files_and_urls_are_refused_by_default(servers, image_file, image_host):
+    closed = servers["closed"].server
+    for form in ("path", "file_uri"):
+        assert_refused(closed, asking(image_url(form, image_file)), 403, "--allow-local-images DIR", IMAGE_PARAM)
+    url = image_url("http", image_file, image_host)
+    assert_refused(closed, asking(url), 403, "--allow-remote-images", IMAGE_PARAM)
+    # inline images are read by default: the cpmbee server's answers (test_greedy_answer_equals_generate)
+
+
+def test_openai_clients_read_the_refusal(servers, image_file):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(
+        base_url=f"{servers['closed'].server.url}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S, max_retries=0
+    )
+    with pytest.raises(openai.PermissionDeniedError) as refusal:
+        client.chat.completions.create(model="any", messages=openai_turn(str(image_file)), max_tokens=MAX_TOKENS)
+    assert refusal.value.param == IMAGE_PARAM and refusal.value.code == "image_source_not_allowed"
+    assert "--allow-local-images DIR" in refusal.value.message
+
+
+def test_urls_to_a_loopback_address_need_private_addresses_allowed(servers, image_file, image_host):
+    """Refused even with --allow-remote-images; with --allow-private-addresses too, see the 'http' answer test."""
+    url = image_url("http", image_file, image_host)
+    assert_refused(servers["remote"].server, asking(url), 403, r"127\.0\.0\.1.*--allow-private-addresses", IMAGE_PARAM)
+    localhost = url.replace("127.0.0.1", "localhost")
+    assert_refused(servers["remote"].server, asking(localhost), 403, "--allow-private-addresses", IMAGE_PARAM)
+
+
+def test_local_files_are_read_from_the_allowed_folder_only(servers, image_file, tmp_path):
+    generic = servers["generic"].server
+    outside = tmp_path / "outside.png"
+    shutil.copy(image_file, outside)
+    link = image_file.parent / f"link-to-{tmp_path.name}.png"
+    link.symlink_to(outside)
+    for url in (str(outside), outside.as_uri(), f"../{tmp_path.name}/outside.png", link.name):
+        assert_refused(generic, asking(url), 403, "outside the image folder", IMAGE_PARAM)
+    assert post(generic, asking(image_file.name))[0] == 200  # relative to the folder
+
+
+@pytest.mark.parametrize("width, height", [(12_000, 12_000), (20_000, 20_000)])
+def test_decompression_bombs_are_refused_before_decoding(servers, width, height):
+    """Over --max-image-pixels (64 million) and over PIL's own limit: 413, and the server's memory stays as it was
+    (decoding would take 144 and 400 MB; the header is all there is to read)."""
+    closed = servers["closed"].server
+    peak = peak_memory(closed)
+    bomb = base64.b64encode(png_header(width, height)).decode()
+    assert_refused(
+        closed, asking(f"data:image/png;base64,{bomb}"), 413, f"{width} x {height} pixels|too large", IMAGE_PARAM
+    )
+    assert peak_memory(closed) - peak < 50 * 2**20
+
+
+def peak_memory(server: Server) -> int:
+    """The most memory the server's process has held so far, in bytes (where its images are read)."""
+    status = Path(f"/proc/{server.process.pid}/status")
+    if not status.exists():
+        pytest.skip("reads the peak memory of a process from /proc (Linux)")
+    return 1024 * int(next(line.split()[1] for line in status.read_text().splitlines() if line.startswith("VmHWM")))
+
+
+QUESTION_TOO_LONG = "Why? " * 200  # 1000 tokens of the byte-level tokenizer; the tiny model takes 256
+TEXT = {"type": "text", "text": QUESTION}
+
+
+@pytest.mark.parametrize(
+    "body, message, param",
+    [
+        ({"messages": QUESTION}, "`messages` is .*send a list of messages", "messages"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": " "}]}]}, "has no text", "messages"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}, "Hi"]}]},
+            "item 1",
+            "messages",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}, TEXT]}]},
+            "no URL",
+            IMAGE_PARAM,
+        ),
+        ({"messages": [{"role": "user", "content": QUESTION_TOO_LONG}]}, r"\d+ tokens.* 256", None),
+        ({"messages": [{"role": "user", "content": QUESTION}], "stop": ["."]}, "`stop` is not supported", "stop"),
+        (b"{not json", "not JSON", None),
+    ],
+    ids=["messages-a-string", "no-question", "item-no-dict", "image-without-url", "too-long", "stop", "not-json"],
+)
+def test_client_mistakes_are_400s_that_say_what_to_fix(servers, body, message, param):
+    assert_refused(servers["generic"].server, body, 400, message, param)
+
+
+def test_a_slow_image_source_holds_up_no_other_client(servers, image_file, image_host):
+    """One client's image URL answers after SLOW_IMAGE_S seconds; meanwhile three clients send 4 requests each
+    (inline images). serve loads images where it tokenizes (on its event loop in transformers 5.24, in one thread
+    shared by all requests in 5.25): unguarded, none of theirs would be answered before the slow image arrives.
+    Here each client has its first answer long before, and most of them theirs before the slow one (on busy cores
+    the last few may come after it)."""
+    served = servers["generic"]
+    greedy = json.dumps(served.greedy)
+    slow_url = image_host.add("/slow.png", image_file.read_bytes(), delay=SLOW_IMAGE_S)
+    inline = asking(image_url("data_uri", image_file), generation_config=greedy)
+
+    def answered_at(body: dict) -> float:
+        status, answer = post(served.server, body)
+        assert status == 200, answer
+        return time.monotonic()
+
+    def client(requests: int) -> list[float]:
+        return [answered_at(inline) for _ in range(requests)]
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(4) as pool:
+        slow = pool.submit(answered_at, asking(slow_url, generation_config=greedy))
+        while "/slow.png" not in image_host.requested and time.monotonic() < start + REQUEST_TIMEOUT_S:
+            time.sleep(0.02)  # the slow request is being served
+        fast = [pool.submit(client, 4) for _ in range(3)]
+        fast_answered = [future.result(timeout=2 * REQUEST_TIMEOUT_S) for future in fast]
+        slow_answered = slow.result(timeout=2 * REQUEST_TIMEOUT_S)
+    times = [[round(at - start, 2) for at in answers] for answers in fast_answered], round(slow_answered - start, 2)
+    assert slow_answered - start >= SLOW_IMAGE_S, times
+    assert all(answers[0] < start + SLOW_IMAGE_S - 2 for answers in fast_answered), times
+    assert sum(at < slow_answered for answers in fast_answered for at in answers) >= 6, times
