@@ -494,3 +494,21 @@ def test_a_slow_image_source_holds_up_no_other_client(servers, image_file, image
     assert slow_answered - start >= SLOW_IMAGE_S, times
     assert all(answers[0] < start + SLOW_IMAGE_S - 2 for answers in fast_answered), times
     assert sum(at < slow_answered for answers in fast_answered for at in answers) >= 6, times
+
+
+def test_an_adapter_folder_is_refused_in_one_line_that_says_how_to_serve_it(tmp_path):
+    """The shipped MPM chat default is a PEFT adapter (no weights of its own, no processor): serve would fail deep in
+    its loader; viscpm-serve says what the folder is and the command that writes a servable one."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(Path(__file__).parents[1] / "examples" / "mpm" / "default" / "chat", adapter)
+    run = subprocess.run(
+        [*console_script(), str(adapter)], capture_output=True, text=True, timeout=REQUEST_TIMEOUT_S * 2,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    message = " ".join(run.stderr.replace("\u2502", " ").split())  # typer's box, its borders and line breaks
+    assert "is a PEFT adapter (adapter_config.json), not a model folder" in message
+    assert "python -m viscpm_hf.mpm.chat_models" in message and "then viscpm-serve OUTPUT" in message
+    (adapter / "preprocessor_config.json").write_text("{}")  # an adapter saved with its processor is serve's to load
+    from viscpm_hf.serving import check_model_folder
+
+    check_model_folder(str(adapter))

@@ -119,8 +119,25 @@ def image_policy(
 IMAGE_OPTIONS = inspect.signature(image_policy).parameters
 
 
+def check_model_folder(model: str | None) -> None:
+    """Refuses, in one line, a PEFT adapter folder without a processor: serve would fail deep in its loader."""
+    folder = Path(model) if model else None
+    if folder is None or not (folder / "adapter_config.json").is_file():
+        return
+    if any((folder / name).is_file() for name in ("processor_config.json", "preprocessor_config.json")):
+        return
+    raise typer.BadParameter(
+        f"{folder} is a PEFT adapter (adapter_config.json), not a model folder: serve a model folder with its processor. "
+        f"Merge the adapter into its base model and save both (PeftModel.merge_and_unload(), then save_pretrained of "
+        f"the model and processor); for an MPM chat adapter such as examples/mpm/default/chat: "
+        f"python -m viscpm_hf.mpm.chat_models {folder} OUTPUT, then viscpm-serve OUTPUT.",
+        param_hint="MODEL",
+    )
+
+
 def serve(**options: Any) -> None:
     """`transformers serve`, with images read as the image options say (see `viscpm-serve --help`)."""
+    check_model_folder(options.get("force_model"))
     policy = image_policy(**{name: options.pop(name) for name in IMAGE_OPTIONS})
     transformers_serve.ServeWithImagePolicy(policy, **options)
 

@@ -68,3 +68,38 @@ def load_chat(adapter: str | Path, base: str | Path | None = None):
         model.generation_config = GenerationConfig.from_pretrained(adapter)
     model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     return model.eval(), processor
+
+
+def save_merged(adapter: str | Path, output: str | Path) -> None:
+    """Writes the model `load_chat(adapter)` rebuilds as an ordinary VisCPM-Chat folder (weights and processor), which
+    the Auto classes, `pipeline()` and `viscpm-serve` load like any other.
+
+    Args:
+        adapter: the adapter folder, e.g. `examples/mpm/default/chat`.
+        output: the folder to write.
+    """
+    model, processor = load_chat(adapter)
+    model.save_pretrained(output)
+    processor.save_pretrained(output)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m viscpm_hf.mpm.chat_models",
+        description="Merge an MPM chat adapter folder into its packaged LLM and vision tower and save an ordinary "
+        "VisCPM-Chat folder (the pivots are built on first use).",
+    )
+    parser.add_argument("adapter", help="the adapter folder, e.g. examples/mpm/default/chat")
+    parser.add_argument("output", help="the VisCPM-Chat folder to write")
+    args = parser.parse_args(argv)
+    from .pivots import show_build_messages
+
+    show_build_messages()
+    save_merged(args.adapter, args.output)
+    print(f"wrote {args.output}: serve it with `viscpm-serve {args.output}`")
+
+
+if __name__ == "__main__":
+    main()
