@@ -63,7 +63,7 @@ from viscpm_hf.training.checkpoints import (
     write_json_atomically,
 )
 from viscpm_hf.training.cpmbee import CpmBeeChatCollator, ModelLossSFTTrainer
-from viscpm_hf.training.sharding import set_fsdp_units, warn_if_not_sharded
+from viscpm_hf.training.sharding import deepspeed_problem, set_fsdp_units, warn_if_not_sharded
 
 
 logger = logging.getLogger("train_chat")
@@ -245,6 +245,10 @@ def resolve_resume(training: SFTConfig) -> str | None:
 def main(argv: list[str] | None = None) -> SFTTrainer:
     disable_hub_kernels_when_offline()
     parser = HfArgumentParser((ScriptArguments, SFTConfig))
+    # Before SFTConfig is built: building it sets up DeepSpeed, and ZeRO-3 then partitions the model being loaded.
+    problem = deepspeed_problem(use_cpu=parser.parse_known_args(argv)[0].use_cpu)
+    if problem:
+        raise SystemExit(f"error: {problem}")
     args, training = parser.parse_args_into_dataclasses(args=argv)
     args.lora = args.lora or args.qlora
     check_arguments(args, training)

@@ -3,8 +3,7 @@ import pytest
 
 @pytest.fixture
 def originals(tmp_path):
-    """A folder for the original files a test writes. Outputs go beside it, in `tmp_path`: the converter refuses
-    an output inside the folder of any input."""
+    """A folder for the original files a test writes; outputs go beside it, in `tmp_path`."""
     folder = tmp_path / "originals"
     folder.mkdir()
     return folder

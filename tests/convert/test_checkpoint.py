@@ -204,16 +204,27 @@ def test_outputs_over_the_inputs_are_refused(tmp_path):
         (tmp_path / "link", "holds the input"),  # the same folder by another name
         (checkpoint, "is the input"),
         (inputs / "vae", "is the input"),
-        (inputs / "vae" / "converted", "lies inside the input folder"),
+        (inputs / "vae" / "converted", "lies inside the input folder"),  # an input folder would hold the output
         (tmp_path / "link" / "vae" / "new", "lies inside the input folder"),
     ]:
         with pytest.raises(ValueError, match=message):
             refuse_output_over_inputs(output, [checkpoint, inputs / "vae"])
-    # Beside the checkpoint, in the release folder: refused too, the release is never written into.
-    with pytest.raises(ValueError, match="lies inside the input folder .*release'"):
-        refuse_output_over_inputs(inputs / "converted", [checkpoint, inputs / "vae"])
     refuse_output_over_inputs(tmp_path / "elsewhere", [checkpoint, None])
     refuse_output_over_inputs(tmp_path / "release-converted", [checkpoint, inputs / "vae"])
+
+
+def test_a_new_folder_beside_the_input_files_is_fine(tmp_path):
+    """The README converts where the release files were downloaded: beside them, or deeper in a new folder."""
+    inputs = tmp_path / "release"
+    inputs.mkdir()
+    checkpoint, vocab = inputs / "model.pt", inputs / "bee.txt"
+    checkpoint.write_text("weights")
+    vocab.write_text("vocab")
+    (tmp_path / "link").symlink_to(inputs)
+    for output in (inputs / "converted", inputs / "runs" / "converted", tmp_path / "link" / "converted"):
+        refuse_output_over_inputs(output, [checkpoint, vocab])
+    (inputs / "converted").mkdir()  # an existing folder beside the inputs holds none of them either
+    refuse_output_over_inputs(inputs / "converted", [checkpoint, vocab])
 
 
 def test_leftovers_of_a_running_conversion_are_left_alone(tmp_path, caplog):

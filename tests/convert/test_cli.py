@@ -62,10 +62,41 @@ def test_a_config_file_inside_the_output_is_protected_too(tmp_path, release, cap
     assert "holds the input" in capsys.readouterr().err and (configs / "llm.json").is_file()
 
 
-def test_an_output_inside_the_release_folder_is_refused(release, capsys):
-    assert main(chat_args(release / "viscpm_chat.safetensors", release / "converted")) == 1
-    assert f"lies inside the input folder {str(release)!r}" in capsys.readouterr().err
-    assert sorted(p.name for p in release.iterdir()) == ["llm.json", "notes.txt", "viscpm_chat.safetensors", "vision.json"]
+def test_the_readmes_command_converts_in_the_folder_holding_the_downloaded_files(
+    release, chat_weights, monkeypatch, capsys
+):
+    """`viscpm-convert chat --checkpoint viscpm_chat_balance_checkpoint.pt --vocab bee.txt --output
+    viscpm-chat-balance`, run where both files were downloaded (plus the tiny model's configs, which the released
+    model does not need): a new folder beside the inputs destroys nothing and mixes with nothing."""
+    torch.save(chat_weights, release / "viscpm_chat_balance_checkpoint.pt")
+    shutil.copy(PARITY_DIR / "cpmbee_vocab.txt", release / "bee.txt")
+    before = contents(release)
+    monkeypatch.chdir(release)
+    args = ["chat", "--checkpoint", "viscpm_chat_balance_checkpoint.pt", "--vocab", "bee.txt", "--output",
+            "viscpm-chat-balance", "--llm-config", "llm.json", "--vision-config", "vision.json"]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    assert (release / "viscpm-chat-balance" / "model.safetensors").is_file()
+    # Deeper in a new folder is as fine; the release folder itself is still refused, even with --overwrite.
+    assert main([*args[:6], "converted/viscpm-chat-balance", *args[7:]]) == 0
+    assert (release / "converted" / "viscpm-chat-balance" / "model.safetensors").is_file()
+    assert main([*args[:6], ".", *args[7:], "--overwrite"]) == 1
+    assert "holds the input" in capsys.readouterr().err
+    assert {name: data for name, data in contents(release).items() if name in before} == before
+
+
+def test_paint_converts_beside_its_inputs_in_their_folder(tmp_path, chat_weights, monkeypatch, capsys):
+    release = tmp_path / "release"
+    release.mkdir()
+    weights = {k: v for k, v in chat_weights.items() if k.startswith("llm.")}
+    save_file({**weights, **load_file(PARITY_DIR / "viscpm_paint_tiny.safetensors")}, release / "paint.safetensors")
+    shutil.copy(PARITY_DIR / "cpmbee_vocab.txt", release / "bee.txt")
+    shutil.copytree(PARITY_DIR / "paint_tiny" / "vae", release / "vae")
+    monkeypatch.chdir(release)
+    unet_config = PARITY_DIR / "paint_tiny" / "unet" / "config.json"
+    args = ["paint", "--checkpoint", "paint.safetensors", "--vocab", "bee.txt", "--vae", "vae", "--output",
+            "viscpm-paint-balance", "--unet-config", str(unet_config)]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    assert (release / "viscpm-paint-balance" / "model_index.json").is_file()
 
 
 def test_an_output_that_is_a_file_is_an_error_not_a_traceback(tmp_path, release, capsys):

@@ -205,6 +205,38 @@ def test_two_processes_with_accelerate(workspace, tmp_path):
     assert (exported(tmp_path) / "model.safetensors").is_file()
 
 
+def test_a_deepspeed_config_on_cpu_stops_before_loading_the_model_and_says_what_to_use(
+    workspace, tmp_path, monkeypatch
+):
+    """What `accelerate launch --config_file examples/configs/deepspeed_zero3_chat.yaml` sets: ZeRO-3 would partition
+    the model at loading, which a CPU run never gathers ("weight should have at least three dimensions")."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    monkeypatch.setattr(train_chat, "load_model", lambda *args: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit, match=r"error: the accelerate config \(--config_file\) asks for DeepSpeed ZeRO-3 "
+                       r"\(examples/configs/deepspeed_zero3\*\.yaml\), which needs GPUs, but (this machine has no "
+                       r"GPU for it|--use_cpu was given)\. On CPU, launch with examples/configs/cpu\.yaml or an FSDP "
+                       r"config"):  # fmt: skip
+        run(workspace, tmp_path, "--max_steps", "1")
+
+
+@pytest.mark.timeout(600)
+def test_accelerate_launch_with_the_zero3_config_on_cpu_is_refused_with_the_message(workspace, tmp_path):
+    """The user's run: the CPU recipe's ACCELERATE_USE_CPU with the ZeRO-3 config trained an empty model and failed
+    at its first forward ("weight should have at least three dimensions")."""
+    pytest.importorskip("deepspeed", reason="accelerate launches DeepSpeed configs only with DeepSpeed installed")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "examples" / "configs" / "deepspeed_zero3_chat.yaml"), "--num_processes", "1",
+               "--mixed_precision", "no", str(ROOT / "examples" / "train_chat.py"), "--model_name_or_path",
+               str(workspace / "model"), "--data", str(workspace / "conversations.json"), "--image_folder",
+               str(workspace / "images"), "--output_dir", str(tmp_path / "out"), "--max_steps", "1", *CPU]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode != 0
+    assert "asks for DeepSpeed ZeRO-3" in result.stderr and "needs GPUs" in result.stderr, result.stderr[-3000:]
+    assert "at least three dimensions" not in result.stderr and not (tmp_path / "out" / "model").exists()
+
+
 def test_push_to_hub_needs_what_the_card_cannot_inherit_and_uploads_the_export(workspace, tmp_path, monkeypatch):
     """The starting folder has no card: --push_to_hub stops before training until the flags complete it."""
     hub = FakeHub(monkeypatch)

@@ -339,31 +339,31 @@ def _identities(path: Path) -> list[tuple[int, int]]:
 
 
 def refuse_output_over_inputs(output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None]) -> None:
-    """Raises a ValueError if the output folder is an input, holds one, or lies inside an input's folder.
+    """Raises a ValueError if writing the output folder would destroy or mix with an input: if the output is an
+    input, holds one (the folder an input file is in, or one above it), or lies inside an input that is a folder.
 
-    `--overwrite` replaces the whole output folder, so such an output would destroy what it is converted from; an
-    output inside the folder of an input file is refused as well, so that a release folder is never written into
-    (one typo in `--output` away from the first case). Paths are compared by what they are on disk, so symbolic
-    links, `..` and other spellings are seen through.
+    `--overwrite` replaces the whole output folder, so such an output would destroy what it is converted from. A new
+    folder beside the input files, or inside the folder holding them, is fine: the README converts in the folder the
+    release files were downloaded to. Paths are compared by what they are on disk, so symbolic links, `..` and other
+    spellings are seen through.
     """
     output = Path(output).resolve()
     output_chain = _identities(output)
     output_itself = output_chain[0] if output.exists() else None
-    resolved = [Path(path).resolve() for path in inputs if path]
-    existing = [(path, _identities(path)) for path in resolved if path.exists()]
-    for path, input_chain in existing:
+    for path in (Path(path).resolve() for path in inputs if path):
+        if not path.exists():
+            continue
+        input_chain = _identities(path)
         if output_itself is not None and output_itself in input_chain:
             what = "is" if output_itself == input_chain[0] else "holds"
             raise ValueError(
-                f"--output {str(output)!r} {what} the input {str(path)!r}: "
-                "writing (or --overwrite) there would destroy it. Choose a new folder outside the inputs' folders."
+                f"--output {str(output)!r} {what} the input {str(path)!r}: writing (or --overwrite) there would "
+                "destroy it. Choose a new folder, e.g. beside the inputs."
             )
-    for path, input_chain in existing:
-        folder, identity = (path, input_chain[0]) if path.is_dir() else (path.parent, input_chain[1])
-        if identity in output_chain:
+        if path.is_dir() and input_chain[0] in output_chain:
             raise ValueError(
-                f"--output {str(output)!r} lies inside the input folder {str(folder)!r}. Choose a new "
-                "folder outside the inputs' folders."
+                f"--output {str(output)!r} lies inside the input folder {str(path)!r}: the conversion would be mixed "
+                "into it. Choose a new folder outside it."
             )
 
 

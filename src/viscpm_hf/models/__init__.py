@@ -5,4 +5,6 @@
   by the original's rules;
 - `cpmbee`: CPM-Bee, the bilingual LLM of the releases (model, tokenizer, prompt structure, decoding);
 - `beit3`: BEiT-3 with learned queries, the released vision bridge.
+
+Their model classes share `strict_loading`: `from_pretrained` refuses a folder whose tensors do not cover the model.
 """

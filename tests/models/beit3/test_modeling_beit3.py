@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -183,6 +184,19 @@ def test_auto_classes_and_save_load_round_trip(tmp_path):
             torch.testing.assert_close(
                 reloaded(pixel_values).last_hidden_state, model(pixel_values).last_hidden_state, atol=1e-6, rtol=1e-6
             )
+
+
+def test_a_folder_missing_a_tensor_is_refused_with_its_name(tmp_path):
+    from safetensors.torch import save_file
+
+    small_model().save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    missing = next(key for key in weights if key.endswith("query_tokens"))
+    del weights[missing]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match=rf"missing .*: {re.escape(missing)}\. .*strict=False"):
+        AutoModel.from_pretrained(tmp_path)
+    AutoModel.from_pretrained(tmp_path, strict=False)  # partial weights, on purpose
 
 
 def test_initialisation_and_outputs():

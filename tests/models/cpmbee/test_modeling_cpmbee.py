@@ -209,6 +209,49 @@ def test_auto_classes_and_save_load_round_trip(tmp_path):
         torch.testing.assert_close(loaded(**prompt).logits, model(**prompt).logits, rtol=0, atol=0)
 
 
+def test_the_base_model_and_the_head_load_each_others_folders_strictly(tmp_path):
+    """The tied head is not missing from a folder (it is the embedding), and the prefix `model.` is added or
+    dropped as transformers does, so neither direction is refused."""
+    head = tiny_model()
+    head.save_pretrained(tmp_path / "head")
+    CpmBeeModel.from_pretrained(tmp_path / "head").save_pretrained(tmp_path / "base")
+    loaded, info = CpmBeeForCausalLM.from_pretrained(tmp_path / "base", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    prompt = structured_prompt()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**prompt).logits, head(**prompt).logits, rtol=0, atol=0)
+
+
+def test_a_folder_missing_a_tensor_or_holding_an_unknown_one_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tiny_model().save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["model.layers.1.mlp.down_proj.weight"]
+    weights["model.layers.1.mlp.extra.weight"] = torch.zeros(2)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    for model_class in (CpmBeeForCausalLM, AutoModelForCausalLM):
+        with pytest.raises(RuntimeError, match=r"missing .*layers\.1\.mlp\.down_proj\.weight.*unexpected .*mlp\.extra"):
+            model_class.from_pretrained(tmp_path)
+    with pytest.raises(RuntimeError, match=r"^CpmBeeModel.* missing .*: layers\.1\.mlp\.down_proj\.weight\. "):
+        AutoModel.from_pretrained(tmp_path)  # what the base model lacks of the head class's folder is left out
+    CpmBeeForCausalLM.from_pretrained(tmp_path, strict=False)  # partial weights, on purpose
+
+
+def test_an_untied_head_is_left_out_of_a_base_model_or_initialised_in_a_head_class_as_transformers_does(tmp_path):
+    """A folder of the other class: the base model drops the head's tensor; the head class, loading a base model's
+    folder, initialises its head (reported in the log). A head class's own folder without its head is refused."""
+    head = tiny_model(tie_word_embeddings=False)
+    head.save_pretrained(tmp_path / "head")
+    base, info = CpmBeeModel.from_pretrained(tmp_path / "head", output_loading_info=True)
+    assert info["unexpected_keys"] == {"lm_head.weight"} and not info["missing_keys"]
+    base.save_pretrained(tmp_path / "base")
+    loaded, info = CpmBeeForCausalLM.from_pretrained(tmp_path / "base", output_loading_info=True)
+    assert info["missing_keys"] == {"lm_head.weight"}
+    torch.testing.assert_close(loaded.model.embed_tokens.weight, head.model.embed_tokens.weight, rtol=0, atol=0)
+
+
 def test_max_position_embeddings_is_enforced():
     model = tiny_model(max_position_embeddings=8)
     with pytest.raises(ValueError, match="max_position_embeddings"):
@@ -254,7 +297,9 @@ def test_a_missing_untied_head_is_initialised_and_reported(tmp_path):
     weights = load_file(tmp_path / "model.safetensors")
     del weights["lm_head.weight"]
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    loaded, info = CpmBeeForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    with pytest.raises(RuntimeError, match=r"missing .*: lm_head\.weight\. .*strict=False"):
+        CpmBeeForCausalLM.from_pretrained(tmp_path)
+    loaded, info = CpmBeeForCausalLM.from_pretrained(tmp_path, strict=False, output_loading_info=True)
     assert set(info["missing_keys"]) == {"lm_head.weight"}
     head = loaded.lm_head.weight
     assert torch.isfinite(head).all() and 0.5 < head.std() < 2.0  # unit scale, as a fresh build

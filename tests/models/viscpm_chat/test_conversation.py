@@ -1,8 +1,15 @@
+import re
+
 import pytest
 import torch
-from tiny_models import random_image
+from tiny_models import IMAGE_SIZE, NUM_QUERY_TOKENS, make_chat_config, random_image
 
-from viscpm_hf import VisCPMChatHistory
+from viscpm_hf import (
+    VisCPMChatForConditionalGeneration,
+    VisCPMChatHistory,
+    VisCPMChatProcessor,
+    paper_image_processor,
+)
 
 
 GREEDY = {"num_beams": 1, "max_new_tokens": 5}
@@ -55,10 +62,77 @@ def test_new_image_in_a_later_turn_runs_the_tower_on_it_only(chat_model, process
     torch.testing.assert_close(history.image_features[1], fresh.pooler_output[0])
 
 
-@pytest.mark.parametrize("question", ["", "   ", None])
+@pytest.mark.parametrize(
+    "question", ["", "   ", None, "\u200b\u200b", "\u200c\u200d", "\ufeff", " \u2060\n\u200b"]
+)  # zero-width space, ZWNJ + ZWJ, BOM, word joiner among whitespace
 def test_empty_question_is_refused(chat_model, processor, image, question):
+    calls = count_vision_calls(chat_model)
     with pytest.raises(ValueError, match="question is empty"):
         chat_model.chat(image, question, processor)
+    assert calls == []
+
+
+def test_a_question_that_is_not_valid_unicode_is_refused_before_any_work(chat_model, processor, image):
+    calls = count_vision_calls(chat_model)
+    with pytest.raises(ValueError, match=r"The question is not valid Unicode text: it holds the lone surrogate U\+D800 "
+                       r"at position 4\. Decode the text with errors='replace'"):  # fmt: skip
+        chat_model.chat(image, "What\ud800?", processor, **GREEDY)
+    assert calls == []
+
+
+def test_a_history_message_that_is_not_valid_unicode_is_refused(chat_model, processor, image):
+    _, history = chat_model.chat(image, "What is shown?", processor, **GREEDY)
+    history.messages[1]["content"][0]["text"] += "\udcff"
+    with pytest.raises(ValueError, match=r"Message 1 \(assistant\), item 0 is not valid Unicode text"):
+        chat_model.chat(None, "Tell me more.", processor, history=history, **GREEDY)
+
+
+def other_model(tokenizer, **changes):
+    """A tiny chat model made as `chat_model` but with another number of query tokens or LLM width, and its
+    processor."""
+    config = make_chat_config(tokenizer)
+    config.num_query_tokens = changes.get("num_query_tokens", NUM_QUERY_TOKENS)
+    config.text_config.hidden_size = changes.get("hidden_size", config.text_config.hidden_size)
+    processor = VisCPMChatProcessor(
+        image_processor=paper_image_processor(IMAGE_SIZE), tokenizer=tokenizer, num_image_tokens=config.num_query_tokens
+    )
+    return VisCPMChatForConditionalGeneration(config).eval(), processor
+
+
+@pytest.mark.parametrize(
+    "changes, shape",
+    [
+        ({"num_query_tokens": 2 * NUM_QUERY_TOKENS}, (1, 8, 32)),  # the history's features would count as 2 images
+        ({"hidden_size": 64}, (1, 4, 64)),  # ... or be cut to fit, silently
+    ],
+    ids=["more query tokens", "wider"],
+)
+def test_a_history_from_another_model_is_refused_with_how_to_go_on(
+    chat_model, processor, image, tokenizer, changes, shape
+):
+    other, other_processor = other_model(tokenizer, **changes)
+    _, history = other.chat(image, "What is shown?", other_processor, **GREEDY)
+    message = (
+        rf"history's image features have shape {re.escape(str(shape))}, but this model's bridge makes \(num_images, 4, "
+        r"32\): .*The history comes from another model: start a new conversation"
+    )
+    with pytest.raises(ValueError, match=message):
+        chat_model.chat(None, "Tell me more.", processor, history=history, **GREEDY)
+
+
+def test_a_history_with_fewer_query_tokens_is_refused_the_same_way(chat_model, processor, image, tokenizer):
+    """The user's case: 4 features per image where the model makes 8 ("the images give 0 x 8 = 4")."""
+    other, other_processor = other_model(tokenizer, num_query_tokens=2 * NUM_QUERY_TOKENS)
+    _, history = chat_model.chat(image, "What is shown?", processor, **GREEDY)
+    with pytest.raises(ValueError, match=r"shape \(1, 4, 32\), but this model's bridge makes \(num_images, 8, 32\).*another"):
+        other.chat(None, "Tell me more.", other_processor, history=history, **GREEDY)
+
+
+def test_a_history_whose_images_and_features_disagree_is_refused(chat_model, processor, image):
+    _, history = chat_model.chat(image, "What is shown?", processor, **GREEDY)
+    history.image_features = torch.cat([history.image_features] * 2)
+    with pytest.raises(ValueError, match="history's messages hold 1 images but its image_features 2"):
+        chat_model.chat(None, "Tell me more.", processor, history=history, **GREEDY)
 
 
 def test_history_defaults_to_an_empty_conversation():

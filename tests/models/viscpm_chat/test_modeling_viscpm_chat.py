@@ -1,8 +1,10 @@
+import re
 import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from tiny_models import NUM_QUERY_TOKENS, make_chat_config, make_chat_model, random_image
 from transformers import (
     AutoConfig,
@@ -303,8 +305,29 @@ def test_several_images_per_sample_and_uneven_batches(chat_model, processor):
 
 def test_image_token_and_feature_mismatch_names_both_counts(chat_model, inputs):
     two_images = torch.cat([inputs["pixel_values"]] * 2)
-    with pytest.raises(ValueError, match=r"4 image tokens .* 2 x 4 = 8"):
+    with pytest.raises(ValueError, match=r"4 image tokens but 2 image\(s\) give 2 x 4 = 8 features; .*places for 1 "):
         chat_model(input_ids=inputs["input_ids"], pixel_values=two_images)
+
+
+def test_image_tokens_that_are_not_whole_images_are_said_to_be_cut_or_from_another_processor(chat_model, inputs):
+    ids = inputs["input_ids"]
+    first = int((ids[0] == chat_model.config.image_token_id).nonzero()[0])
+    cut = torch.cat([ids[:, :first], ids[:, first + 1 :]], dim=1)
+    message = (
+        r"3 image tokens .* 1 x 4 = 4 features; 3 is not a whole number of images of 4 tokens: the prompt was "
+        r"truncated, or made by a processor whose num_image_tokens"
+    )
+    with pytest.raises(ValueError, match=message):
+        chat_model(input_ids=cut, pixel_values=inputs["pixel_values"])
+
+
+@pytest.mark.parametrize("shape", [(1, NUM_QUERY_TOKENS, 64), (1, 2 * NUM_QUERY_TOKENS, 32), (NUM_QUERY_TOKENS, 32)])
+def test_image_features_of_another_models_shape_are_refused(chat_model, inputs, shape):
+    """(1, 4, 64) has as many features as the prompt has image tokens: it would be cut to fit, silently."""
+    features = BaseModelOutputWithPooling(pooler_output=torch.randn(shape))
+    with pytest.raises(ValueError, match=rf"shape {re.escape(str(shape))}, but this model's bridge makes \(num_images, "
+                       r"4, 32\).*another model"):  # fmt: skip
+        chat_model(input_ids=inputs["input_ids"], mm_encoder_outputs={"image": features})
 
 
 def test_image_tokens_without_images_raise(chat_model, inputs):
@@ -395,13 +418,11 @@ def test_a_viscpm_chat_assistant_gives_the_greedy_tokens(tokenizer, chat_model, 
 def test_weights_missing_from_a_checkpoint_are_initialised_as_in_a_fresh_build(saved_dir, chat_model):
     """Each missing tensor gets its sub-model's own initialisation (SigLIP: xavier for the MLP), the same
     distribution as a fresh build, and is reported; loaded tensors are untouched."""
-    from safetensors.torch import load_file, save_file
-
     weights = load_file(saved_dir / "model.safetensors")
     dropped = [k for k in weights if k.startswith("model.vision_tower.") and k.endswith("fc1.weight")]
     dropped += ["model.bridge.mapping.linear_1.weight"]
     save_file({k: v for k, v in weights.items() if k not in dropped}, saved_dir / "model.safetensors", metadata={"format": "pt"})
-    loaded, info = AutoModelForImageTextToText.from_pretrained(saved_dir, output_loading_info=True)
+    loaded, info = AutoModelForImageTextToText.from_pretrained(saved_dir, strict=False, output_loading_info=True)
     assert set(info["missing_keys"]) == set(dropped)
     state, fresh = loaded.state_dict(), chat_model.state_dict()
     for key in dropped:
@@ -410,6 +431,40 @@ def test_weights_missing_from_a_checkpoint_are_initialised_as_in_a_fresh_build(s
         assert float(value.std()) == pytest.approx(float(reference.std()), rel=0.15), key
     kept = "model.vision_tower.encoder.layers.0.mlp.fc2.weight"
     torch.testing.assert_close(state[kept], fresh[kept], rtol=0, atol=0)
+
+
+def test_a_folder_missing_a_tensor_or_holding_an_unknown_one_is_refused_with_their_names(saved_dir):
+    weights = load_file(saved_dir / "model.safetensors")
+    del weights["model.bridge.mapping.linear_1.weight"]
+    weights["model.bridge.extra.weight"] = torch.zeros(2)
+    save_file(weights, saved_dir / "model.safetensors", metadata={"format": "pt"})
+    for model_class in (AutoModelForImageTextToText, VisCPMChatForConditionalGeneration):
+        with pytest.raises(RuntimeError, match=r"missing \(they would be initialised at random\): "
+                           r"model\.bridge\.mapping\.linear_1\.weight; unexpected .*bridge\.extra\.weight\. .*"
+                           r"pass strict=False"):  # fmt: skip
+            model_class.from_pretrained(saved_dir)
+    # The bare model leaves out what it lacks of the head class's folder, as transformers does; nothing missing.
+    with pytest.raises(RuntimeError, match=r"^VisCPMChatModel.* missing .*: bridge\.mapping\.linear_1\.weight\. "):
+        AutoModel.from_pretrained(saved_dir)
+    AutoModelForImageTextToText.from_pretrained(saved_dir, strict=False)  # partial weights, on purpose
+
+
+def test_the_head_class_loads_a_bare_models_folder_strictly(saved_dir, chat_model, inputs, tmp_path):
+    AutoModel.from_pretrained(saved_dir).save_pretrained(tmp_path / "bare")
+    loaded = VisCPMChatForConditionalGeneration.from_pretrained(tmp_path / "bare")
+    torch.testing.assert_close(loaded(**inputs).logits, chat_model(**inputs).logits, rtol=0, atol=0)
+
+
+def test_a_peft_adapter_folder_loads_onto_its_base_strictly(saved_dir, inputs, tmp_path):
+    """transformers loads the base named in adapter_config.json, then the adapter, whose report is checked."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=2, target_modules=r".*\.llm\..*\.(q_proj|v_proj)", init_lora_weights=False)
+    adapted = get_peft_model(AutoModelForImageTextToText.from_pretrained(saved_dir), config).eval()
+    adapted.save_pretrained(tmp_path / "adapter")
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "adapter")
+    torch.testing.assert_close(loaded(**inputs).logits, adapted(**inputs).logits)
 
 
 @pytest.mark.parametrize("name", ["cache", "past_key_values"])

@@ -109,6 +109,35 @@ def test_empty_text_is_refused(processor, image):
         processor(text="   ", images=[image])
 
 
+INVISIBLE = ["\u200b\u200b", "\u200c", "\u200d", "\ufeff", "\u2060", " \u200b\n\t"]  # ZWSP, ZWNJ, ZWJ, BOM, word joiner
+
+
+@pytest.mark.parametrize("text", INVISIBLE)
+def test_a_question_of_invisible_characters_is_refused_as_empty(processor, image, text):
+    chat = user_says({"type": "image", "image": image}, {"type": "text", "text": text})
+    for tokenize in (False, True):
+        with pytest.raises(ValueError, match=r"Message 0 \(user\) has no text: add the question"):
+            processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=tokenize)
+    with pytest.raises(ValueError, match="text is empty"):
+        processor(text=text)
+    with pytest.raises(ValueError, match="text is empty"):
+        processor(text=["<image>What?", text], images=[image])
+
+
+def test_text_that_is_not_valid_unicode_is_refused_naming_where_and_the_fix(processor, image):
+    chat = user_says({"type": "image", "image": image}, {"type": "text", "text": "What\ud800?"})
+    for tokenize in (False, True):
+        with pytest.raises(ValueError, match=r"Message 0 \(user\), item 1 is not valid Unicode text: it holds the lone "
+                           r"surrogate U\+D800 at position 4\. Decode the text with errors='replace'"):  # fmt: skip
+            processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=tokenize)
+    with pytest.raises(ValueError, match=r"Message 1 \(assistant\) is not valid Unicode text"):
+        processor.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "\udcff"}])
+    with pytest.raises(ValueError, match=r"^text is not valid Unicode text: .*U\+DFFF at position 11"):
+        processor(text="<image>What\udfff?", images=[image])
+    with pytest.raises(ValueError, match=r"^text\[1\] is not valid Unicode text"):
+        processor(text=["<image>Fine.", "<image>\ud83d"], images=[image, image])
+
+
 def test_truncation_that_cuts_image_tokens_is_refused(processor, image):
     with pytest.raises(ValueError, match="truncation"):
         processor(text="Question first <image>", images=[image], truncation=True, max_length=10)

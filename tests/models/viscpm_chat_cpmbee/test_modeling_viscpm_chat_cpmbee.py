@@ -8,6 +8,7 @@ ext table travels, and with a warning (never a silent `<unk>`) where a stock pat
 """
 
 import json
+import re
 import shutil
 import threading
 
@@ -134,6 +135,41 @@ def test_a_folder_converted_before_the_model_type_existed_loads_as_the_released_
     torch.testing.assert_close(
         loaded.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS), model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS)
     )
+
+
+def test_a_folder_missing_a_tensor_is_refused_with_its_name(release, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    broken = shutil.copytree(release, tmp_path / "broken")
+    shard = sorted(broken.glob("model*.safetensors"))[-1]
+    weights = load_file(shard)
+    missing = sorted(weights)[0]
+    del weights[missing]
+    save_file(weights, shard, metadata={"format": "pt"})
+    for model_class in (AutoModelForImageTextToText, AutoModel):
+        with pytest.raises(RuntimeError, match=rf"missing .*: (model\.)?{re.escape(missing.removeprefix('model.'))}\. "
+                           r".*pass strict=False"):  # fmt: skip
+            model_class.from_pretrained(broken)
+
+
+# --- questions that cannot be asked ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("question", ["\u200b\u200b", "\u200c\u200d", "\ufeff \u2060"])
+def test_a_question_of_invisible_characters_is_refused_as_empty(model, processor, image, question):
+    with pytest.raises(ValueError, match="question is empty"):
+        model.chat(image, question, processor)
+    with pytest.raises(ValueError, match=r"Message 0 \(user\) has no text"):
+        encode(processor, conversation(image, question))
+
+
+def test_a_question_that_is_not_valid_unicode_is_refused_naming_the_fix(model, processor, image):
+    with pytest.raises(ValueError, match=r"The question is not valid Unicode text: .*U\+D800.*errors='replace'"):
+        model.chat(image, "What\ud800?", processor)
+    with pytest.raises(ValueError, match=r"Message 0 \(user\), item 1 is not valid Unicode text"):
+        encode(processor, conversation(image, "What\ud800?"))
+    with pytest.raises(ValueError, match=r"^text is not valid Unicode text"):
+        processor(text="<image>What\ud800?", images=[image])
 
 
 # --- one answer on every path ------------------------------------------------------------------------------------

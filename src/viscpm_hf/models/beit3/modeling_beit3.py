@@ -23,6 +23,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ..strict_loading import StrictLoadingMixin
 from .configuration_beit3 import POSITION_OFFSET, VisCPMBeit3Config
 
 
@@ -241,7 +242,7 @@ class VisCPMBeit3Encoder(nn.Module):
         return hidden_states, all_hidden_states, all_attentions
 
 
-class VisCPMBeit3PreTrainedModel(PreTrainedModel):
+class VisCPMBeit3PreTrainedModel(StrictLoadingMixin, PreTrainedModel):
     config: VisCPMBeit3Config
     base_model_prefix = "beit3"
     main_input_name = "pixel_values"

@@ -26,6 +26,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
+from ..strict_loading import StrictLoadingMixin
 from .configuration_cpmbee import CpmBeeConfig
 from .generation_cpmbee import check_streamed_batch, cpmbee_generate_kwargs, stream_final_answer
 from .prompt_cpmbee import PromptTokenIds, flat_prompt_structure
@@ -316,7 +317,7 @@ class CpmBeeDecoderLayer(GradientCheckpointingLayer):
         return hidden_states, weights
 
 
-class CpmBeePreTrainedModel(PreTrainedModel):
+class CpmBeePreTrainedModel(StrictLoadingMixin, PreTrainedModel):
     config: CpmBeeConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True

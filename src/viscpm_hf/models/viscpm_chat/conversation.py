@@ -12,6 +12,8 @@ import torch
 from transformers import TextStreamer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from .processing_viscpm_chat import check_conversation, check_valid_unicode, is_blank
+
 
 if TYPE_CHECKING:
     from .modeling_viscpm_chat import VisCPMChatForConditionalGeneration
@@ -35,6 +37,33 @@ def check_num_beams(num_beams: Any) -> None:
         )
 
 
+def check_history(model: "VisCPMChatForConditionalGeneration", history: VisCPMChatHistory) -> None:
+    """Refuses a history this model cannot continue: image features of another shape than this model's bridge makes
+    (a history from another model folder), or not one per image of its messages."""
+    features = history.image_features
+    if features is None:
+        return
+    model.model.check_image_features(
+        features,
+        name="The history's image features",
+        fix="The history comes from another model: start a new conversation with this model (history=None), or "
+        "continue this one with the model that made it.",
+    )
+    if history.messages:
+        check_conversation(history.messages)
+    num_images = sum(
+        item["type"] in ("image", "image_url")
+        for message in history.messages
+        if not isinstance(message["content"], str)
+        for item in message["content"]
+    )
+    if num_images != features.shape[0]:
+        raise ValueError(
+            f"The history's messages hold {num_images} images but its image_features {features.shape[0]}: pass "
+            "back the history that chat() returned, unchanged, or start a new conversation (history=None)."
+        )
+
+
 def chat(
     model: "VisCPMChatForConditionalGeneration",
     processor: "VisCPMChatProcessor",
@@ -44,11 +73,16 @@ def chat(
     **generate_kwargs: Any,
 ) -> tuple[str, VisCPMChatHistory]:
     """Answers `question` about `image` (one image, a list, or None to keep talking about earlier images)."""
-    if not isinstance(question, str) or not question.strip():
-        raise ValueError(f"The question is empty ({question!r}): ask something about the image.")
+    if not isinstance(question, str) or is_blank(question):
+        raise ValueError(
+            f"The question is empty ({question!r}; whitespace and invisible characters count as nothing): ask "
+            "something about the image."
+        )
+    check_valid_unicode(question, "The question")
     config = generate_kwargs.get("generation_config") or model.generation_config
     check_num_beams(generate_kwargs.get("num_beams", config.num_beams))
     history = history or VisCPMChatHistory()
+    check_history(model, history)
     new_images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
     content = [{"type": "image", "image": img} for img in new_images] + [{"type": "text", "text": question}]
     messages = [*history.messages, {"role": "user", "content": content}]

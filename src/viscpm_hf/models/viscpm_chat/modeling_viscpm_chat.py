@@ -20,6 +20,7 @@ from transformers.models.siglip.modeling_siglip import eager_attention_forward
 from transformers.utils import can_return_tuple, torch_compilable_check
 from transformers.utils.deprecation import deprecate_kwarg
 
+from ..strict_loading import StrictLoadingMixin
 from .configuration_viscpm_chat import VisCPMChatConfig
 from .conversation import VisCPMChatHistory, chat, check_num_beams
 
@@ -142,7 +143,7 @@ class VisCPMChatBridge(nn.Module):
         return self.mapping(features)
 
 
-class VisCPMChatPreTrainedModel(PreTrainedModel):
+class VisCPMChatPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
     config: VisCPMChatConfig
     base_model_prefix = "model"
     input_modalities = ("image", "text")
@@ -236,14 +237,25 @@ class VisCPMChatModel(VisCPMChatPreTrainedModel):
         per_image = self.config.num_query_tokens
 
         def mismatch() -> str:
-            if not num_image_features:
-                reason = "but no pixel_values or image features were given"
+            num_tokens, num_images = int(mask.sum()), (num_image_features or 0) // per_image
+            given = (
+                f"{num_images} image(s) give {num_images} x {per_image} = {num_image_features} features"
+                if num_image_features
+                else "no pixel_values or image features were given"
+            )
+            if num_tokens % per_image:
+                hint = (
+                    f"{num_tokens} is not a whole number of images of {per_image} tokens: the prompt was truncated, "
+                    f"or made by a processor whose num_image_tokens is not this model's num_query_tokens ({per_image})"
+                )
             else:
-                reason = f"but the images give {num_image_features // per_image} x {per_image} = {num_image_features}"
+                hint = (
+                    f"the prompt has places for {num_tokens // per_image} image(s): give one image per image "
+                    f"placeholder (VisCPMChatProcessor expands each to {per_image} tokens)"
+                )
             return (
-                f"Image features and image tokens do not match: the prompt holds {int(mask.sum())} image tokens "
-                f"{reason}. Each image needs exactly one image placeholder, expanded to {per_image} tokens by "
-                "VisCPMChatProcessor; do not truncate prompts that contain images."
+                f"Image features and image tokens do not match: the prompt holds {num_tokens} image tokens but "
+                f"{given}; {hint}."
             )
 
         torch_compilable_check(mask.sum() == (num_image_features or 0), mismatch)
@@ -274,6 +286,7 @@ class VisCPMChatModel(VisCPMChatPreTrainedModel):
             image_features = mm_encoder_outputs["image"].pooler_output
             if isinstance(image_features, (list, tuple)):
                 image_features = torch.stack(list(image_features))
+            self.check_image_features(image_features)
 
         self.check_sequence_length((input_ids if input_ids is not None else inputs_embeds).shape[1], cache)
         decoding = image_features is None and cache is not None and cache.get_seq_length() > 0
@@ -288,6 +301,28 @@ class VisCPMChatModel(VisCPMChatPreTrainedModel):
         image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
         inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
         return {"input_ids": None, "inputs_embeds": inputs_embeds}, image_features, image_mask
+
+    def check_image_features(
+        self,
+        image_features: torch.Tensor,
+        name: str = "The image features",
+        fix: str = "Compute them with this model's get_image_features.",
+    ) -> None:
+        """Refuses precomputed image features of another shape than the bridge makes: from a model with another
+        `num_query_tokens` or hidden size they would be miscounted, or silently cut to fit the image tokens.
+
+        Args:
+            image_features: `(num_images, num_query_tokens, hidden_size)` features from `get_image_features`.
+            name: what the features are, as the error names them.
+            fix: what the error tells the caller to do.
+        """
+        expected = (self.config.num_query_tokens, self.config.text_config.hidden_size)
+        if image_features.ndim != 3 or tuple(image_features.shape[1:]) != expected:
+            raise ValueError(
+                f"{name} have shape {tuple(image_features.shape)}, but this model's bridge makes (num_images, "
+                f"{expected[0]}, {expected[1]}): they come from another model (another number of query tokens or "
+                f"hidden size). {fix}"
+            )
 
     def check_sequence_length(self, length: int, cache: Cache | None) -> None:
         """Refuses a sequence longer than the LLM's context (`llm_context_limit`) instead of degrading silently."""

@@ -1,5 +1,6 @@
 """VisCPM-Chat processor: the paper's image preprocessing, a tokenizer, and the chat template."""
 
+import unicodedata
 from collections.abc import Mapping
 from importlib import resources
 from typing import Any
@@ -22,9 +23,29 @@ def message_text(message: Mapping) -> str:
     return content if isinstance(content, str) else "".join(i["text"] for i in content if i["type"] == "text")
 
 
+def is_blank(text: str) -> bool:
+    """Whether `text` shows nothing: whitespace and invisible format characters only (zero-width space, ZWJ, ZWNJ,
+    word joiner, BOM: Unicode category Cf), which would reach the model as an empty question."""
+    return all(char.isspace() or unicodedata.category(char) == "Cf" for char in text)
+
+
+def check_valid_unicode(text: str, where: str) -> None:
+    """Refuses text the tokenizers cannot encode (a lone surrogate, e.g. from bytes decoded with "surrogateescape"),
+    which would otherwise fail inside the tokenizer with a TypeError that names neither the text nor the fix."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"{where} is not valid Unicode text: it holds the lone surrogate U+{ord(text[error.start]):04X} at "
+            f"position {error.start}. Decode the text with errors='replace' on the client side (e.g. "
+            "data.decode('utf-8', errors='replace')), or remove the character."
+        ) from None
+
+
 def check_conversation(conversation: Any) -> None:
     """Refuses what the chat templates would silently drop or garble (an unknown role, a `None` text turning into the
-    question "None", a user turn without a question), naming the message and the fix."""
+    question "None", a user turn without a question) or the tokenizer fail on (text that is not valid Unicode), naming
+    the message and the fix."""
     if not isinstance(conversation, (list, tuple)) or not conversation:
         raise ValueError(
             f"The conversation is {conversation!r}: pass a non-empty list of messages such as "
@@ -63,9 +84,14 @@ def check_conversation(conversation: Any) -> None:
                     f"{where} ({role}), item {number} has text {item.get('text')!r}; give the text as a string, or "
                     "drop the item."
                 )
-        if role == "user" and not message_text(message).strip():
+            if kind == "text":
+                check_valid_unicode(item["text"], f"{where} ({role}), item {number}")
+        if isinstance(content, str):
+            check_valid_unicode(content, f"{where} ({role})")
+        if role == "user" and is_blank(message_text(message)):
             raise ValueError(
-                f"{where} (user) has no text: add the question, e.g. {{'type': 'text', 'text': 'Describe it.'}}."
+                f"{where} (user) has no text: add the question, e.g. {{'type': 'text', 'text': 'Describe it.'}} "
+                "(whitespace and invisible characters such as zero-width spaces are no text)."
             )
 
 
@@ -124,8 +150,14 @@ class VisCPMChatProcessor(ProcessorMixin):
 
     def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):
         texts = [text] if isinstance(text, str) else text
-        if texts is not None and (len(texts) == 0 or any(isinstance(t, str) and not t.strip() for t in texts)):
-            raise ValueError("The text is empty: give a question or a prompt (it may contain '<image>').")
+        if texts is not None and (len(texts) == 0 or any(isinstance(t, str) and is_blank(t) for t in texts)):
+            raise ValueError(
+                "The text is empty (or only whitespace and invisible characters): give a question or a prompt (it "
+                "may contain '<image>')."
+            )
+        for number, sample in enumerate(texts or []):
+            if isinstance(sample, str):
+                check_valid_unicode(sample, "text" if len(texts) == 1 else f"text[{number}]")
         super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)
 
     def apply_chat_template(self, conversation, chat_template: str | None = None, **kwargs: Any):
