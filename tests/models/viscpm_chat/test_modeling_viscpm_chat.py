@@ -155,6 +155,32 @@ def test_loads_in_bfloat16_with_device_map(saved_dir, inputs):
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
 
 
+@pytest.mark.parametrize("scheme", ["bnb-int8", "quanto-int8"])
+def test_quantization_keeps_the_tower_the_bridge_and_the_head_in_full_precision(saved_dir, inputs, scheme):
+    """A quantization config that names nothing to skip quantizes the LLM's decoder only (the convention for VLMs);
+    one that names its own modules is followed as given."""
+    from transformers import BitsAndBytesConfig, QuantoConfig
+
+    pytest.importorskip({"bnb": "bitsandbytes", "quanto": "optimum.quanto"}[scheme.split("-")[0]])
+    config = {"bnb-int8": BitsAndBytesConfig(load_in_8bit=True), "quanto-int8": QuantoConfig(weights="int8")}[scheme]
+    model = AutoModelForImageTextToText.from_pretrained(saved_dir, quantization_config=config, device_map="cpu")
+    linears = {name: type(module) for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    quantized = {name for name, kind in linears.items() if kind is not torch.nn.Linear}
+    assert quantized and all(name.startswith("model.llm.model.layers.") for name in quantized)
+    assert {name for name in linears if name.startswith("model.llm.model.layers.")} == quantized
+    assert linears["model.llm.lm_head"] is torch.nn.Linear
+    assert model(**inputs).logits.isfinite().all()
+    field = {"bnb-int8": "llm_int8_skip_modules", "quanto-int8": "modules_to_not_convert"}[scheme]
+    assert getattr(config, field) is None  # the caller's config is left as it was
+    setattr(config, field, ["model.llm.lm_head"])  # named by the caller: the tower is quantized too
+    model = AutoModelForImageTextToText.from_pretrained(saved_dir, quantization_config=config, device_map="cpu")
+    assert any(
+        name.startswith("model.vision_tower.") and type(module) is not torch.nn.Linear
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    )
+
+
 def test_no_split_modules_cover_every_sub_model(chat_model):
     assert {"VisCPMChatBridge", "Qwen2DecoderLayer", "SiglipEncoderLayer"} <= set(chat_model._no_split_modules)
 

@@ -6,6 +6,7 @@ positions -> the LLM, with its own head (so Gemma's soft-capping keeps working).
 need more gets a chat model class of its own, subclassing these (as transformers gives LLaVA variants theirs).
 """
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -154,6 +155,22 @@ class VisCPMChatPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # What a quantization config that names no modules to skip leaves in full precision: the vision tower, the bridge
+    # and the LLM's head (a few percent of the weights, and the most sensitive ones). Patterns as the quantizers match
+    # them: from the start of a module's name, in the head class (`model.`) and the base model alike.
+    modules_not_to_quantize = (r"(?:model\.)?vision_tower", r"(?:model\.)?bridge", r"(?:model\.)?llm\.lm_head")
+
+    @classmethod
+    def from_pretrained(cls, *args, quantization_config=None, **kwargs):
+        """As `PreTrainedModel.from_pretrained`; a bitsandbytes config without `llm_int8_skip_modules` (or a quanto /
+        torchao one without `modules_to_not_convert`) keeps `modules_not_to_quantize` in full precision."""
+        for field in ("llm_int8_skip_modules", "modules_to_not_convert"):
+            if hasattr(quantization_config, field) and getattr(quantization_config, field) is None:
+                quantization_config = copy.deepcopy(quantization_config)
+                setattr(quantization_config, field, list(cls.modules_not_to_quantize))
+        if quantization_config is not None:
+            kwargs["quantization_config"] = quantization_config
+        return super().from_pretrained(*args, **kwargs)
 
     @classmethod
     def is_custom_code(cls) -> bool:
