@@ -69,7 +69,7 @@ from viscpm_hf.training.paint import (
     mark_trainable,
     pad_text_states,
 )
-from viscpm_hf.training.sharding import SHARDED, set_fsdp_units, warn_if_not_sharded
+from viscpm_hf.training.sharding import SHARDED, deepspeed_problem, set_fsdp_units, warn_if_not_sharded
 
 
 logger = get_logger(__name__, log_level="INFO")
@@ -598,6 +598,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     disable_hub_kernels_when_offline()
     args = parse_args(argv)
     check_args(args)
+    problem = deepspeed_problem()  # before the Accelerator, which sets DeepSpeed up
+    if problem:
+        raise SystemExit(f"error: {problem}")
 
     # 1. Accelerator and logging.
     output_dir = Path(args.output_dir)

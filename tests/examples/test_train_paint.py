@@ -79,6 +79,18 @@ def main_run(paint_workspace, tmp_path_factory):
     return output_dir
 
 
+def test_a_deepspeed_config_on_cpu_stops_before_any_work_and_says_what_to_use(workspace, tmp_path, monkeypatch):
+    """What `accelerate launch --config_file examples/configs/deepspeed_zero3.yaml` sets, on a machine without GPUs
+    (or with the CPU recipe's ACCELERATE_USE_CPU): DeepSpeed would be set up for GPUs it does not have."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    with pytest.raises(SystemExit, match=r"error: the accelerate config \(--config_file\) asks for DeepSpeed ZeRO-3 .*"
+                       r"needs GPUs, but .* On CPU, launch with examples/configs/cpu\.yaml"):  # fmt: skip
+        run(workspace, tmp_path / "out", "--max_train_steps", "1")
+    assert not (tmp_path / "out").exists()
+
+
 def test_loss_falls_when_overfitting(main_run):
     trajectory = losses(main_run)
     assert len(trajectory) == 30
