@@ -29,8 +29,22 @@ class StrictLoadingMixin:
         when the weights do not cover the model exactly. Tied weights (a head tied to the embeddings) are not missing,
         and a folder of this model's base or head class loads as transformers loads it (see `check_loading_info`).
 
-        `strict=False` loads partial weights on purpose: missing tensors are initialised and unexpected ones ignored,
-        as transformers does, with its loading report logged. `output_loading_info=True` returns the report as usual.
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`, *optional*):
+                The model folder or Hub repo id, as for any model.
+            model_args (`tuple`, *optional*):
+                Passed on to `PreTrainedModel.from_pretrained`.
+            strict (`bool`, defaults to `True`):
+                `False` loads partial weights on purpose: missing tensors are initialised and unexpected ones ignored,
+                as transformers does, with its loading report logged.
+            kwargs (`dict[str, Any]`, *optional*):
+                Passed on to `PreTrainedModel.from_pretrained`; `output_loading_info=True` returns the report as usual.
+
+        Returns:
+            (`PreTrainedModel` or `tuple`): The model, or `(model, loading_info)` with `output_loading_info=True`.
+
+        Raises:
+            RuntimeError: with `strict`, the weights do not cover the model exactly.
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
         model, loading_info = super().from_pretrained(
@@ -45,7 +59,19 @@ def check_loading_info(model: PreTrainedModel, source: str | os.PathLike | None,
     """Raises if `info` (what `from_pretrained(..., output_loading_info=True)` returns) has missing or unexpected
     tensors, except what transformers means to happen when the folder is another class's (its `architectures` name
     another class): a base model leaves out the head of a head class's folder, and a head class initialises its head
-    (the tensors outside `base_model_prefix`) when loading a base model's folder. Missing base tensors always raise."""
+    (the tensors outside `base_model_prefix`) when loading a base model's folder. Missing base tensors always raise.
+
+    Args:
+        model (`PreTrainedModel`):
+            The loaded model.
+        source (`str` or `os.PathLike`, *optional*):
+            Where it was loaded from, for the message.
+        info (`dict`):
+            The loading report, with `missing_keys` and `unexpected_keys`.
+
+    Raises:
+        RuntimeError: naming the missing and unexpected tensors (at most 50 of each kind) and what to do.
+    """
     missing, unexpected = set(info["missing_keys"]), set(info["unexpected_keys"])
     if type(model).__name__ not in (model.config.architectures or [type(model).__name__]):
         if model.base_model is model:

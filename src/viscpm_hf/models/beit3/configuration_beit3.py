@@ -22,12 +22,16 @@ class VisCPMBeit3Config(PreTrainedConfig):
             patches plus the class token, so smaller inputs (fewer patches) also work.
         patch_size (`int`, defaults to 16):
             Side of a patch and stride of the patch-embedding convolution.
-        num_channels (`int`, defaults to 3)
-        hidden_size (`int`, defaults to 1024)
-        num_attention_heads (`int`, defaults to 16)
+        num_channels (`int`, defaults to 3):
+            Channels of the input images.
+        hidden_size (`int`, defaults to 1024):
+            Width of the encoder; a multiple of `num_attention_heads`.
+        num_attention_heads (`int`, defaults to 16):
+            Attention heads per layer.
         intermediate_size (`int`, defaults to 4096):
             Width of the feed-forward layers.
-        num_hidden_layers (`int`, defaults to 24)
+        num_hidden_layers (`int`, defaults to 24):
+            Number of multiway encoder layers.
         layer_norm_eps (`float`, defaults to 1e-5):
             Epsilon of every LayerNorm (pre-norms, the sub-LayerNorms inside attention and FFN, the final norm).
         num_query_tokens (`int`, defaults to 64):
@@ -68,7 +72,13 @@ class VisCPMBeit3Config(PreTrainedConfig):
         return POSITION_OFFSET + 1 + self.num_patches
 
     def validate_architecture(self):
-        """Part of `@strict`-powered validation."""
+        """Part of `@strict`-powered validation.
+
+        Raises:
+            ValueError: `hidden_size` is not a multiple of `num_attention_heads`, `image_size` not a multiple of
+                `patch_size`, `num_query_tokens` is below 1, or the query position table has too few rows for the
+                queries.
+        """
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "

@@ -243,6 +243,10 @@ class VisCPMBeit3Encoder(nn.Module):
 
 
 class VisCPMBeit3PreTrainedModel(StrictLoadingMixin, PreTrainedModel):
+    """Base class of the BEiT-3 tower: its config class, weight initialisation (truncated normal for the class token,
+    the queries and the position tables), and strict loading (a folder whose tensors do not cover the model exactly
+    raises with their names; `strict=False` loads partial weights)."""
+
     config: VisCPMBeit3Config
     base_model_prefix = "beit3"
     main_input_name = "pixel_values"
@@ -296,6 +300,30 @@ class VisCPMBeit3Model(VisCPMBeit3PreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> VisCPMBeit3ModelOutput | tuple:
+        """Encodes the images together with the learned queries.
+
+        Args:
+            pixel_values (`torch.Tensor` of shape `(batch_size, num_channels, height, width)`):
+                Height and width multiples of `patch_size`, with at most as many patches as an `image_size` x
+                `image_size` image.
+            output_hidden_states (`bool`, *optional*):
+                Return the embedding output and every layer's output; defaults to the config's.
+            output_attentions (`bool`, *optional*):
+                Return every layer's attention probabilities (eager attention only); defaults to the config's.
+            return_dict (`bool`, *optional*):
+                Return a `VisCPMBeit3ModelOutput` rather than a tuple; defaults to the config's.
+            kwargs (`dict[str, Any]`, *optional*):
+                Passed to the attention.
+
+        Returns:
+            The outputs (a tuple without `return_dict`): `last_hidden_state` the query outputs `(batch_size,
+                num_query_tokens, hidden_size)`, `pooler_output` the class token, `all_tokens_last_hidden_state` every
+                token, all after the final LayerNorm.
+
+        Raises:
+            ValueError: `pixel_values` of the wrong shape, channels or size, or `output_attentions` without eager
+                attention.
+        """
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )

@@ -318,6 +318,9 @@ class CpmBeeDecoderLayer(GradientCheckpointingLayer):
 
 
 class CpmBeePreTrainedModel(StrictLoadingMixin, PreTrainedModel):
+    """Base class of the CPM-Bee models: their config class, weight initialisation, and strict loading (a folder
+    whose tensors do not cover the model exactly raises with their names; `strict=False` loads partial weights)."""
+
     config: CpmBeeConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
@@ -357,13 +360,39 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         self.embed_tokens = value
 
     def embed_ext_table(self, ext_table_ids: torch.Tensor, ext_table_sub: torch.Tensor) -> torch.Tensor:
-        """Embeddings of the per-input ext entries `(batch, num_ext)`: what the ext logit columns score against."""
+        """Embeddings of the per-input ext entries: what the ext logit columns score against.
+
+        Args:
+            ext_table_ids (`torch.Tensor` of shape `(batch_size, num_ext)`):
+                Base id of each ext entry.
+            ext_table_sub (`torch.Tensor` of shape `(batch_size, num_ext)`):
+                Sub id of each ext entry.
+
+        Returns:
+            The `(batch_size, num_ext, hidden_size)` base embeddings, rotated by the sub ids.
+        """
         return self.sub_rotation(self.embed_tokens(ext_table_ids.long()), ext_table_sub.long())
 
     def resolve_ext_ids(
         self, input_ids: torch.Tensor, ext_table_ids: torch.Tensor | None, ext_table_sub: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Ids of ext columns (>= vocab_size, e.g. fed back by generation) become their (base id, sub id)."""
+        """Ids of ext columns (>= vocab_size, e.g. fed back by generation) become their (base id, sub id).
+
+        Args:
+            input_ids (`torch.Tensor` of shape `(batch_size, sequence_length)`):
+                Ids, some of which may be ext columns.
+            ext_table_ids (`torch.Tensor` of shape `(batch_size, num_ext)`, *optional*):
+                Base id of each ext column.
+            ext_table_sub (`torch.Tensor` of shape `(batch_size, num_ext)`, *optional*):
+                Sub id of each ext column.
+
+        Returns:
+            `(base_ids, sub_ids)`: `input_ids` with ext ids replaced by their base ids, and the sub id of
+                every position (0 outside ext ids), or `(input_ids, None)` when there are no ext ids.
+
+        Raises:
+            ValueError: `input_ids` holds ext ids but no ext table was given.
+        """
         is_ext = input_ids >= self.config.vocab_size
         if not is_ext.any():
             return input_ids, None
@@ -399,20 +428,58 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         output_attentions: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        """Runs the decoder over a structured prompt; every structural input is `(batch, length)` unless noted.
+        """Runs the decoder over a structured prompt (what `CpmBeeTokenizer` returns for a prompt dict).
 
-        - `input_id_subs`: sub id per token (0 for vocabulary tokens); rotates the embedding.
-        - `context`: 1 for prompt tokens (seen by every token), 0 for answer tokens (causal).
-        - `segment_ids`, `num_segments`, `segment_rel_offset`: segment per token, segments in its sample, and the
-          sample's offset into `segment_rel`.
-        - `segment_rel`: `(batch, n*n)` flattened segment-relation table (0 = same segment).
-        - `ext_table_ids`, `ext_table_sub`: `(batch, num_ext)` base id and sub id of each ext column.
         Missing structural inputs make CPM-Bee a plain causal LM over one segment (ids of a flattened prompt, which
         hold `<root>`, are then refused: only `generate` reads the structure back from ids). They may describe a prefix
-        only: later tokens continue its last segment as answer tokens. `inputs_embeds` are
-        `embed_tokens(input_ids)`, before the sub-id rotation (applied here). The biases depend on token order only,
-        so `position_ids` (or `cu_seq_lens_q`) matter only in padding-free batches, where they mark where each
-        packed sequence starts: tokens then attend within their own sequence, as if each were a row of its own.
+        only: later tokens continue its last segment as answer tokens.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Token ids; ids >= `vocab_size` are ext columns, resolved through `ext_table_ids` / `ext_table_sub`.
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+                1 for real tokens, 0 for padding (which sees and is seen by nothing); may cover the new tokens only.
+            position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                The biases depend on token order only, so positions (or `cu_seq_lens_q` in `kwargs`) matter only in
+                padding-free batches, where they mark where each packed sequence starts: tokens then attend within
+                their own sequence, as if each were a row of its own.
+            cache (`Cache`, *optional*):
+                Key/value cache from earlier steps (formerly `past_key_values`).
+            inputs_embeds (`torch.Tensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
+                `embed_tokens(input_ids)`, before the sub-id rotation (applied here); instead of `input_ids`.
+            use_cache (`bool`, *optional*):
+                Whether to return the cache; defaults to `config.use_cache`.
+            input_id_subs (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Sub id per token (0 for vocabulary tokens); rotates the embedding.
+            context (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+                1 for prompt tokens (seen by every token), 0 for answer tokens (causal).
+            segment_ids (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Segment of each token.
+            segment_rel_offset (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Offset of the token's sample into `segment_rel`.
+            num_segments (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Segments in the token's sample.
+            segment_rel (`torch.Tensor` of shape `(batch_size, n * n)`, *optional*):
+                Flattened segment-relation table of `n` segments (0 = same segment).
+            ext_table_ids (`torch.Tensor` of shape `(batch_size, num_ext)`, *optional*):
+                Base id of each ext column.
+            ext_table_sub (`torch.Tensor` of shape `(batch_size, num_ext)`, *optional*):
+                Sub id of each ext column.
+            output_hidden_states (`bool`, *optional*):
+                Return the input of every layer and the final output; defaults to the config's.
+            output_attentions (`bool`, *optional*):
+                Return every layer's attention weights; defaults to the config's.
+            kwargs (`dict[str, Any]`, *optional*):
+                `cu_seq_lens_q` (packed sequence starts, see `position_ids`) is read; the rest is ignored.
+
+        Returns:
+            The final hidden states (after the last RMSNorm), the cache, and the hidden
+                states and attentions when asked for.
+
+        Raises:
+            ValueError: neither or both of `input_ids` and `inputs_embeds`, a flattened prompt's ids without their
+                structural inputs, a sequence longer than `config.max_position_embeddings`, or ext ids without an
+                ext table.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
@@ -524,14 +591,43 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
-        """Keeps the 2D padding mask under a static cache: CPM-Bee builds its attention from the prompt structure."""
+        """Keeps the 2D padding mask under a static cache: CPM-Bee builds its attention from the prompt structure.
+
+        Args:
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+                The padding mask.
+            kwargs (`dict[str, Any]`, *optional*):
+                What transformers passes to build a 4D mask; unused.
+
+        Returns:
+            `attention_mask`, unchanged.
+        """
         return attention_mask
 
     def generate(self, inputs: torch.Tensor | None = None, **kwargs):
-        """transformers' `generate`, plus two things CPM-Bee needs per call: a prompt given by its ids alone (all that
-        `pipeline("text-generation")` passes) gets its structural inputs read back from the ids
-        ([`~prompt_cpmbee.flat_prompt_structure`]), and `cpmbee_decoding` (the call's, else the passed generation
-        config's, else the model's) becomes this call's decoding ([`~generation_cpmbee.cpmbee_generate_kwargs`])."""
+        """transformers' `generate`, plus two things CPM-Bee needs per call.
+
+        A prompt given by its ids alone (all that `pipeline("text-generation")` passes) gets its structural inputs
+        read back from the ids ([`~prompt_cpmbee.flat_prompt_structure`]), and `cpmbee_decoding` (the call's, else
+        the passed generation config's, else the model's) becomes this call's decoding
+        ([`~generation_cpmbee.cpmbee_generate_kwargs`]).
+
+        Args:
+            inputs (`torch.Tensor`, *optional*):
+                The prompt's ids (or pass `input_ids`).
+            kwargs (`dict[str, Any]`, *optional*):
+                The tokenizer's other outputs (structural inputs, ext tables), generation options as for any model,
+                and `cpmbee_decoding` (`{"temperature": ..., "repetition_penalty": ...}`: the original's logit rules
+                and, with beams, its beam search; None turns them off for the call).
+
+        Returns:
+            (`torch.LongTensor` or `GenerateOutput`): The generated ids, prompt included (a `GenerateOutput` with
+                `return_dict_in_generate=True`); ids >= `vocab_size` name strings of the prompt's ext table.
+
+        Raises:
+            ValueError: a `streamer` with a batch of several prompts, or ids of a prompt whose structure cannot be
+                read back from them (a nested dict, text outside the vocabulary): pass the tokenizer's outputs.
+        """
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         if input_ids is None:
             return super().generate(inputs, **kwargs)
@@ -563,9 +659,51 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
         ext_table_sub: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """`labels` follow the transformers convention (shifted inside); ext entries are targeted by column id.
+        """Logits over the vocabulary and the ext columns (and the loss).
 
-        The structural inputs are described in [`CpmBeeModel.forward`]; they may cover only the prompt.
+        The structural inputs (`input_id_subs` to `ext_table_sub`) are described in [`CpmBeeModel`]'s `forward`; they
+        may cover only the prompt.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Token ids; ids >= `vocab_size` are ext columns.
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+                1 for real tokens, 0 for padding.
+            position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Starts of packed sequences in padding-free batches (see [`CpmBeeModel`]).
+            cache (`Cache`, *optional*):
+                Key/value cache from earlier steps (formerly `past_key_values`).
+            inputs_embeds (`torch.Tensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
+                `embed_tokens(input_ids)`, before the sub-id rotation; instead of `input_ids`.
+            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Targets in the transformers convention (shifted inside, -100 ignored); ext entries are targeted by
+                column id.
+            use_cache (`bool`, *optional*):
+                Whether to return the cache; defaults to `config.use_cache`.
+            logits_to_keep (`int` or `torch.Tensor`, defaults to 0):
+                Logits of the last `logits_to_keep` positions only (0: all), or of the given indices.
+            input_id_subs (`torch.Tensor`, *optional*):
+                Sub id per token.
+            context (`torch.Tensor`, *optional*):
+                1 for prompt tokens, 0 for answer tokens.
+            segment_ids (`torch.Tensor`, *optional*):
+                Segment of each token.
+            segment_rel_offset (`torch.Tensor`, *optional*):
+                Offset of the token's sample into `segment_rel`.
+            num_segments (`torch.Tensor`, *optional*):
+                Segments in the token's sample.
+            segment_rel (`torch.Tensor`, *optional*):
+                Flattened segment-relation table.
+            ext_table_ids (`torch.Tensor` of shape `(batch_size, num_ext)`, *optional*):
+                Base id of each ext column; each adds a logit column.
+            ext_table_sub (`torch.Tensor` of shape `(batch_size, num_ext)`, *optional*):
+                Sub id of each ext column; columns of sub id 0 (a batch's padding) are never chosen.
+            kwargs (`dict[str, Any]`, *optional*):
+                Passed to the model and the loss.
+
+        Returns:
+            Logits `(batch_size, kept positions, vocab_size + num_ext)`, the loss with
+                `labels`, the cache, and the hidden states and attentions when asked for.
         """
         outputs = self.model(
             return_dict=True,

@@ -148,7 +148,19 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
     # Markup level.
 
     def tokenize_markup(self, markup: str) -> list[MarkupPiece]:
-        """Cuts markup into pieces; raises `ValueError` for a `<` that is neither `<<` nor a closed `<name>`."""
+        """Cuts markup into pieces: special tokens, longest vocabulary matches, and runs of unknown characters.
+
+        Args:
+            markup (`str`):
+                Text in CPM-Bee markup (`<name>` a special token, `<<` a literal `<`).
+
+        Returns:
+            Each piece's text, start (counting `<<` as one character), and whether it is unknown
+                or special.
+
+        Raises:
+            ValueError: a `<` that is neither `<<` nor a closed `<name>`.
+        """
         pieces, offset = [], 0
         for chunk, is_special in split_markup(markup):
             if is_special:
@@ -185,7 +197,19 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
         return 0
 
     def encode_markup(self, markup: str) -> tuple[list[int], dict[int, str]]:
-        """Markup -> ids and the ext table: strings outside the vocabulary get ids from `vocab_size` on."""
+        """Markup -> ids and the ext table: strings outside the vocabulary get ids from `vocab_size` on.
+
+        Args:
+            markup (`str`):
+                Text in CPM-Bee markup.
+
+        Returns:
+            The ids, and the ext table mapping each id >= `vocab_size` to its
+                string.
+
+        Raises:
+            ValueError: the markup is malformed (see `tokenize_markup`).
+        """
         ids, ext_ids = [], {}
         for piece in self.tokenize_markup(markup):
             index = self._ids.get(piece.token)
@@ -199,6 +223,18 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
 
         The table is looked up first, so it may also rename vocabulary ids (a generation prompt's table maps `<unk>`
         to the first unknown string of the input).
+
+        Args:
+            ids (`list[int]`):
+                Vocabulary ids and ext ids.
+            ext_table (`dict[int, str]`, *optional*):
+                The table that came with the ids (from `encode_markup`, or `output_ext_tables`).
+
+        Returns:
+            The markup.
+
+        Raises:
+            ValueError: an id that is neither in the vocabulary nor in the table.
         """
         ext_table = ext_table or {}
         parts = []
@@ -217,9 +253,21 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
         return "".join(parts)
 
     def encode_model_ids(self, markup: str, ext_table: CpmBeeExtTable) -> tuple[list[int], list[int]]:
-        """Markup -> (base ids, sub ids) as the model reads them; `ext_table` is shared by all texts of one input.
+        """Markup -> (base ids, sub ids) as the model reads them.
 
-        Raises `ValueError("Invalid token ...")` for a special token whose base `<name>` is not in the vocabulary.
+        Args:
+            markup (`str`):
+                Text in CPM-Bee markup.
+            ext_table (`CpmBeeExtTable`):
+                The out-of-vocabulary strings of the input, shared by all its texts; new strings are added to it.
+
+        Returns:
+            The base id (`<unk>`, or `<name>` for a special `<name_k>`, for a string
+                outside the vocabulary) and the sub id (0 for vocabulary tokens) of every piece.
+
+        Raises:
+            ValueError: malformed markup, or `"Invalid token ..."` for a special token whose base `<name>` is not in
+                the vocabulary.
         """
         ids, subs = [], []
         for piece in self.tokenize_markup(markup):
@@ -266,7 +314,29 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
     ) -> BatchEncoding:
         """CPM-Bee prompt dicts (or their JSON text) -> the inputs of `CpmBeeForCausalLM`, padded into a batch.
 
-        Structured prompts cannot be truncated: a prompt longer than `max_length` raises a `ValueError`.
+        What `tokenizer(prompts)` does with `prompt_format="structured"`.
+
+        Args:
+            prompts (`dict`, `str`, or a list of them):
+                One prompt or a batch: prompt dicts, or their JSON text (what the chat template renders).
+            padding_side (`str`, *optional*):
+                `"left"` or `"right"`; defaults to the tokenizer's `padding_side`.
+            return_tensors (`str`, *optional*):
+                `"pt"` for tensors; lists otherwise.
+            max_length (`int`, *optional*):
+                Longest prompt accepted, in tokens.
+            truncation (`bool`, *optional*):
+                Must not be set: structured prompts cannot be truncated.
+            unused (`dict[str, Any]`, *optional*):
+                Other tokenizer arguments, ignored.
+
+        Returns:
+            `input_ids`, `attention_mask` and the structural inputs and ext tables of
+                [`CpmBeeModel`]'s `forward`.
+
+        Raises:
+            ValueError: `truncation` is asked for, a text is not a JSON prompt dict, a prompt is malformed, or a prompt
+                is longer than `max_length`.
         """
         if truncation:
             raise ValueError("Structured CPM-Bee prompts cannot be truncated: shorten the context instead.")
@@ -275,7 +345,17 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
         return BatchEncoding({k: v if return_tensors else v.tolist() for k, v in encoded.items()}, tensor_type=return_tensors)
 
     def output_ext_tables(self, prompts, max_length: int | None = None) -> list[dict[int, str]]:
-        """Per prompt (as `__call__` takes them), the strings of the ext ids its answer may hold, for `decode`."""
+        """Per prompt, the strings of the ext ids its answer may hold, for `decode`.
+
+        Args:
+            prompts (`dict`, `str`, or a list of them):
+                Prompts as `__call__` takes them (with `prompt_format="structured"`).
+            max_length (`int`, *optional*):
+                As for `encode_structured`.
+
+        Returns:
+            One table per prompt, ext id -> string.
+        """
         return [prompt.output_ext_table for prompt in self._model_prompts(prompts, max_length)]
 
     def _model_prompts(self, prompts, max_length: int | None):
@@ -305,14 +385,37 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
         **unused,
     ) -> BatchEncoding:
         """Plain texts -> the text encoder's inputs for the original VisCPM-Paint prompts `{'caption': text, 'objects':
-        ''}`, right-padded with `<pad>` to the longest (to `max_length` with `padding="max_length"`).
+        ''}`, right-padded with `<pad>`.
 
-        With `truncation`, a prompt longer than `max_length` (default `model_max_length`) loses caption tokens from its
-        end and keeps its structure. That structure is what `add_special_tokens` adds around a text, so
-        `tokenizer(texts, add_special_tokens=False)` and `num_special_tokens_to_add()` tell how many tokens were
-        dropped, as for any tokenizer. Besides the model inputs, `conditioning_mask` is 1 at every position, padding
-        included: the original conditions its UNet on the text encoder's states of the `<pad>` rows too, each prompt
-        and its negative padded to the longer of the two.
+        The prompt's structure is what `add_special_tokens` adds around a text, so `tokenizer(texts,
+        add_special_tokens=False)` and `num_special_tokens_to_add()` tell how many tokens truncation dropped, as for
+        any tokenizer.
+
+        Args:
+            texts (`str` or `list[str]`):
+                The captions.
+            padding (`bool` or `str`, defaults to `True`):
+                Prompts are always padded to the longest; `"max_length"` pads them to `max_length` at least.
+            truncation (`bool` or `str`, *optional*):
+                A prompt longer than `max_length` (default `model_max_length`) loses caption tokens from its end and
+                keeps its structure.
+            max_length (`int`, *optional*):
+                Length limit for `truncation` and width for `padding="max_length"`.
+            padding_side (`str`, *optional*):
+                Only `"right"`, as the original pads.
+            return_tensors (`str`, *optional*):
+                `"pt"` for tensors; lists otherwise.
+            unused (`dict[str, Any]`, *optional*):
+                Other tokenizer arguments, ignored.
+
+        Returns:
+            The model inputs (no ext tables: a text encoder scores no output ids), plus
+                `conditioning_mask`, 1 at every position, padding included: the original conditions its UNet on the
+                text encoder's states of the `<pad>` rows too, each prompt and its negative padded to the longer of
+                the two.
+
+        Raises:
+            ValueError: a `padding_side` other than `"right"`.
         """
         if padding_side not in (None, "right"):
             raise ValueError(f"Caption prompts are right-padded, as the original pads them, not {padding_side!r}.")
@@ -339,7 +442,19 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "CpmBeeTokenizer":
         """As any tokenizer's; the tokenizer of a VisCPM-Paint folder converted before the caption format existed
-        (saved as "text") loads in the caption format, which builds the prompts the released model was trained on."""
+        (saved as "text") loads in the caption format, which builds the prompts the released model was trained on.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`):
+                A tokenizer folder or Hub repo id.
+            args (`tuple`, *optional*):
+                Passed on to `PreTrainedTokenizer.from_pretrained`.
+            kwargs (`dict[str, Any]`, *optional*):
+                Passed on likewise (`subfolder` is also where the Paint folder check looks).
+
+        Returns:
+            The tokenizer.
+        """
         tokenizer = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         folder = os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
         if tokenizer.prompt_format == "text" and _is_paint_component(folder):
@@ -358,7 +473,22 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
             self.model_max_length = MAX_CAPTION_TOKENS
 
     def decode(self, token_ids, skip_special_tokens: bool = False, ext_table: dict[int, str] | None = None, **kwargs):
-        """`ext_table` (from `output_ext_tables`) maps a structured prompt's ext ids back to their strings."""
+        """Ids -> text, reading a structured prompt's ext ids through its table.
+
+        Args:
+            token_ids (`int`, `list[int]`, `torch.Tensor`, or a batch):
+                The ids; a batch (a list of lists) gives a list of texts.
+            skip_special_tokens (`bool`, defaults to `False`):
+                Leave out special tokens.
+            ext_table (`dict[int, str]`, *optional*):
+                From `output_ext_tables`: maps a structured prompt's ext ids back to their strings. Without it, with
+                `prompt_format="structured"`, an ext id reads `<unk>`, with a warning.
+            kwargs (`dict[str, Any]`, *optional*):
+                As for any tokenizer's `decode`.
+
+        Returns:
+            (`str` or `list[str]`): The text, or one per row of a batch.
+        """
         ids = token_ids.tolist() if hasattr(token_ids, "tolist") else [token_ids] if isinstance(token_ids, int) else list(token_ids)
         if ids and isinstance(ids[0], list):  # a batch, as transformers' decode accepts
             return [self.decode(row, skip_special_tokens, ext_table, **kwargs) for row in ids]
@@ -378,7 +508,21 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
     def batch_decode(
         self, sequences, skip_special_tokens: bool = False, ext_tables: list[dict[int, str]] | None = None, **kwargs
     ) -> list[str]:
-        """`ext_tables`: one table per row (see `decode`)."""
+        """`decode` over a batch, each row with its own ext table.
+
+        Args:
+            sequences (`list[list[int]]` or `torch.Tensor`):
+                The rows of ids.
+            skip_special_tokens (`bool`, defaults to `False`):
+                Leave out special tokens.
+            ext_tables (`list[dict[int, str]]`, *optional*):
+                One table per row (see `decode`).
+            kwargs (`dict[str, Any]`, *optional*):
+                As for `decode`.
+
+        Returns:
+            The texts.
+        """
         tables = ext_tables or [None] * len(sequences)
         return [
             self.decode(row, skip_special_tokens=skip_special_tokens, ext_table=table, **kwargs)

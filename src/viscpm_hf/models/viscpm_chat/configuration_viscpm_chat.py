@@ -35,6 +35,13 @@ class VisCPMChatConfig(PreTrainedConfig):
             Hidden-state index of the vision tower whose output feeds the bridge (-1: last hidden state).
         projector_hidden_act (`str`, defaults to `"gelu"`):
             Activation of the mapping MLP.
+        initializer_range (`float`, defaults to 0.02):
+            Standard deviation of the bridge's initialisation (normal for its Linear layers, truncated normal for the
+            resampler's queries).
+
+    Raises:
+        ValueError: the width of the vision features cannot be read from `vision_config` (pass `vision_feature_dim`),
+            is not divisible by `bridge_num_attention_heads`, or `num_query_tokens` is below 1.
     """
 
     model_type = "viscpm_chat"

@@ -22,15 +22,33 @@ if TYPE_CHECKING:
 
 @dataclass
 class VisCPMChatHistory:
-    """The conversation so far; `image_features` is `(num_images, num_query_tokens, hidden)` or None."""
+    """The conversation so far, as [`VisCPMChatForConditionalGeneration`]'s `chat` returns and takes it back.
+
+    Attributes:
+        messages (`list[dict[str, Any]]`):
+            The messages in the transformers chat format, answers included; image items hold their images.
+        image_features (`torch.Tensor`, *optional*):
+            The bridge outputs of every image in `messages`, in order, `(num_images, num_query_tokens, hidden_size)`;
+            None before the first image.
+    """
 
     messages: list[dict[str, Any]] = field(default_factory=list)
     image_features: torch.Tensor | None = None
 
 
 def check_num_beams(num_beams: Any) -> None:
-    """transformers 5.24 neither validates `num_beams` (GenerationConfig.validate accepts 0) nor fails clearly on it
-    (0 divides by zero, -1 makes a tensor of negative size)."""
+    """Refuses a `num_beams` that is not a positive integer.
+
+    transformers 5.24 neither validates `num_beams` (GenerationConfig.validate accepts 0) nor fails clearly on it
+    (0 divides by zero, -1 makes a tensor of negative size).
+
+    Args:
+        num_beams (`int`, *optional*):
+            The value to check; None passes.
+
+    Raises:
+        ValueError: `num_beams` is not an `int` (a `bool` is not one) or is below 1.
+    """
     if num_beams is not None and (isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1):
         raise ValueError(
             f"num_beams must be a positive integer (1: greedy or sampling, more: beam search); got {num_beams!r}."
@@ -39,7 +57,18 @@ def check_num_beams(num_beams: Any) -> None:
 
 def check_history(model: "VisCPMChatForConditionalGeneration", history: VisCPMChatHistory) -> None:
     """Refuses a history this model cannot continue: image features of another shape than this model's bridge makes
-    (a history from another model folder), or not one per image of its messages."""
+    (a history from another model folder), or not one per image of its messages.
+
+    Args:
+        model ([`VisCPMChatForConditionalGeneration`]):
+            The model that would continue the conversation.
+        history ([`VisCPMChatHistory`]):
+            The history passed to `chat`.
+
+    Raises:
+        ValueError: the image features have another shape, or count another number of images than the messages
+            hold, or the messages fail `check_conversation`.
+    """
     features = history.image_features
     if features is None:
         return
@@ -72,7 +101,30 @@ def chat(
     history: VisCPMChatHistory | None = None,
     **generate_kwargs: Any,
 ) -> tuple[str, VisCPMChatHistory]:
-    """Answers `question` about `image` (one image, a list, or None to keep talking about earlier images)."""
+    """Answers `question` about `image`: what [`VisCPMChatForConditionalGeneration`]'s `chat` does.
+
+    Args:
+        model ([`VisCPMChatForConditionalGeneration`]):
+            The model that answers.
+        processor ([`VisCPMChatProcessor`]):
+            Its processor.
+        image (`PIL.Image.Image`, `str`, `list`, or `None`):
+            One image (a PIL image, a path or URL, an array or tensor), a list of them, or None to keep talking about
+            earlier images.
+        question (`str`):
+            The question.
+        history ([`VisCPMChatHistory`], *optional*):
+            What an earlier call returned; None starts a new conversation.
+        generate_kwargs (`dict[str, Any]`, *optional*):
+            Passed on to `generate`.
+
+    Returns:
+        The answer and the conversation with it.
+
+    Raises:
+        ValueError: an empty or invalid question, `num_beams` that is not a positive integer, or a history this model
+            cannot continue.
+    """
     if not isinstance(question, str) or is_blank(question):
         raise ValueError(
             f"The question is empty ({question!r}; whitespace and invisible characters count as nothing): ask "

@@ -145,6 +145,13 @@ class VisCPMChatBridge(nn.Module):
 
 
 class VisCPMChatPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
+    """Base class of the VisCPM-Chat models: their config class, weight initialisation, and loading.
+
+    `from_pretrained` loads strictly (a folder whose tensors do not cover the model exactly raises with their names;
+    `strict=False` loads partial weights) and keeps `modules_not_to_quantize` (the vision tower, the bridge and the
+    LLM's head) in full precision under a quantization config that names no modules to skip.
+    """
+
     config: VisCPMChatConfig
     base_model_prefix = "model"
     input_modalities = ("image", "text")
@@ -162,8 +169,25 @@ class VisCPMChatPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, quantization_config=None, **kwargs):
-        """As `PreTrainedModel.from_pretrained`; a bitsandbytes config without `llm_int8_skip_modules` (or a quanto /
-        torchao one without `modules_to_not_convert`) keeps `modules_not_to_quantize` in full precision."""
+        """As `PreTrainedModel.from_pretrained`, keeping the most sensitive weights out of quantization.
+
+        Args:
+            args (`tuple`, *optional*):
+                Passed on: the folder or Hub repo id first, as for any model.
+            quantization_config (`QuantizationConfigMixin`, *optional*):
+                A bitsandbytes config without `llm_int8_skip_modules` (or a quanto / torchao one without
+                `modules_to_not_convert`) gets a copy that keeps `modules_not_to_quantize` in full precision; a config
+                that names its own modules is followed as given.
+            kwargs (`dict[str, Any]`, *optional*):
+                Passed on to `PreTrainedModel.from_pretrained` (e.g. `dtype`, `device_map`); `strict=False` loads
+                partial weights on purpose.
+
+        Returns:
+            (`VisCPMChatPreTrainedModel`): The loaded model.
+
+        Raises:
+            RuntimeError: the folder's tensors do not cover the model exactly (missing or unexpected ones, named).
+        """
         for field in ("llm_int8_skip_modules", "modules_to_not_convert"):
             if hasattr(quantization_config, field) and getattr(quantization_config, field) is None:
                 quantization_config = copy.deepcopy(quantization_config)
@@ -210,9 +234,19 @@ class VisCPMChatModel(VisCPMChatPreTrainedModel):
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
         """Runs the vision tower and the bridge.
 
-        `pixel_values`: `(num_images, channels, height, width)`. Returns the tower's outputs with `pooler_output`
-        set to the bridge outputs, `(num_images, num_query_tokens, text_hidden_size)`: pass them back as
-        `mm_encoder_outputs={"image": ...}` to skip the vision tower for images already seen.
+        Args:
+            pixel_values (`torch.Tensor` of shape `(num_images, channels, height, width)`):
+                The images, as the processor prepares them.
+            kwargs (`dict[str, Any]`, *optional*):
+                Passed on to the vision tower.
+
+        Returns:
+            The tower's outputs with `pooler_output` set to the bridge outputs, `(num_images, num_query_tokens,
+                text_hidden_size)`: pass them back as `mm_encoder_outputs={"image": ...}` to skip the vision tower for
+                images already seen.
+
+        Raises:
+            ValueError: `pixel_values` is not a 4D tensor.
         """
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
@@ -237,7 +271,25 @@ class VisCPMChatModel(VisCPMChatPreTrainedModel):
     def get_placeholder_mask(
         self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None, num_image_features: int | None
     ) -> torch.BoolTensor:
-        """Boolean `(batch, seq)` mask of the image placeholder positions, checked against the number of features."""
+        """Finds the image placeholder positions and checks them against the number of image features.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                The prompt's ids; compared with `config.image_token_id`.
+            inputs_embeds (`torch.Tensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
+                Used when `input_ids` is None: a position is a placeholder where it equals the image token's
+                embedding.
+            num_image_features (`int`, *optional*):
+                Image features to place (`num_images * num_query_tokens`); None or 0 when there are none.
+
+        Returns:
+            `(batch_size, sequence_length)`, True at the image placeholders.
+
+        Raises:
+            ValueError: the number of placeholders differs from `num_image_features` (the message says whether the
+                prompt was truncated or has another number of images), or there are features but
+                `config.image_token_id` is not set.
+        """
         image_token_id = self.config.image_token_id
         reference = input_ids if input_ids is not None else inputs_embeds
         if image_token_id is None:
@@ -289,7 +341,31 @@ class VisCPMChatModel(VisCPMChatPreTrainedModel):
         """What the LLM receives: `input_ids`, or `inputs_embeds` with the bridge outputs at the image placeholders.
 
         Without images the ids go to the LLM as they are, so it embeds them its own way (decoding steps, text-only
-        turns). Returns `(llm_inputs, image_features, image_mask)`; the mask is None in decoding steps.
+        turns).
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                The prompt's ids, image placeholders included; exactly one of `input_ids` and `inputs_embeds`.
+            inputs_embeds (`torch.Tensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
+                The LLM's input embeddings, instead of `input_ids`.
+            pixel_values (`torch.Tensor` of shape `(num_images, channels, height, width)`, *optional*):
+                Images to run through the vision tower and the bridge.
+            mm_encoder_outputs (`dict[str, BaseModelOutputWithPooling]`, *optional*):
+                Precomputed image features instead of `pixel_values`: `{"image": output}` whose `pooler_output` is
+                what `get_image_features` returned; checked by `check_image_features`.
+            cache (`Cache`, *optional*):
+                The LLM's cache: its length counts towards the context limit, and a non-empty cache without images
+                means a decoding step.
+
+        Returns:
+            `(llm_inputs, image_features, image_mask)`: the `input_ids` / `inputs_embeds` keyword arguments
+                of the LLM, the bridge outputs (None without images) and the placeholder mask (None in decoding
+                steps).
+
+        Raises:
+            ValueError: neither or both of `input_ids` and `inputs_embeds`, both `pixel_values` and
+                `mm_encoder_outputs`, precomputed features of another shape, a sequence longer than the LLM's context,
+                or placeholders that do not match the images.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
@@ -329,9 +405,15 @@ class VisCPMChatModel(VisCPMChatPreTrainedModel):
         `num_query_tokens` or hidden size they would be miscounted, or silently cut to fit the image tokens.
 
         Args:
-            image_features: `(num_images, num_query_tokens, hidden_size)` features from `get_image_features`.
-            name: what the features are, as the error names them.
-            fix: what the error tells the caller to do.
+            image_features (`torch.Tensor`):
+                `(num_images, num_query_tokens, hidden_size)` features from `get_image_features`.
+            name (`str`, *optional*):
+                What the features are, as the error names them.
+            fix (`str`, *optional*):
+                What the error tells the caller to do.
+
+        Raises:
+            ValueError: the features are not `(num_images, config.num_query_tokens, text_config.hidden_size)`.
         """
         expected = (self.config.num_query_tokens, self.config.text_config.hidden_size)
         if image_features.ndim != 3 or tuple(image_features.shape[1:]) != expected:
@@ -342,7 +424,18 @@ class VisCPMChatModel(VisCPMChatPreTrainedModel):
             )
 
     def check_sequence_length(self, length: int, cache: Cache | None) -> None:
-        """Refuses a sequence longer than the LLM's context (`llm_context_limit`) instead of degrading silently."""
+        """Refuses a sequence longer than the LLM's context instead of degrading silently.
+
+        Args:
+            length (`int`):
+                Tokens of the current input.
+            cache (`Cache`, *optional*):
+                The cache the input continues; its length counts too.
+
+        Raises:
+            ValueError: the cache and the input together exceed `text_config.max_position_embeddings`, stretched by
+                its RoPE scaling factor where the config has one (no check when the LLM sets no limit).
+        """
         limit = llm_context_limit(self.config.text_config)
         if limit is None:
             return
@@ -367,6 +460,32 @@ class VisCPMChatModel(VisCPMChatPreTrainedModel):
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         **kwargs,
     ) -> VisCPMChatModelOutputWithPast:
+        """Runs the vision tower and the bridge on the images, then the LLM's decoder (no language-model head).
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                The prompt's ids, each image's placeholder expanded to `num_query_tokens` image tokens (the processor
+                does so).
+            pixel_values (`torch.Tensor` of shape `(num_images, channels, height, width)`, *optional*):
+                The prompt's images, in the order of their placeholders.
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+                1 for real tokens, 0 for padding; passed to the LLM.
+            position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Passed to the LLM.
+            cache (`Cache`, *optional*):
+                The LLM's key/value cache from earlier steps (formerly `past_key_values`).
+            inputs_embeds (`torch.Tensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
+                The LLM's input embeddings instead of `input_ids`; the image features replace the rows equal to the
+                image token's embedding.
+            mm_encoder_outputs (`dict[str, BaseModelOutputWithPooling]`, *optional*):
+                Precomputed image features instead of `pixel_values` (see `get_image_features`).
+            kwargs (`dict[str, Any]`, *optional*):
+                Passed on to the LLM (e.g. `use_cache`, `output_hidden_states`).
+
+        Returns:
+            The LLM's last hidden states, cache, hidden states and attentions, and
+                `image_hidden_states`, the bridge outputs of this call's images.
+        """
         llm_inputs, image_features, _ = self.prepare_llm_inputs(
             input_ids, inputs_embeds, pixel_values, mm_encoder_outputs, cache
         )
@@ -414,6 +533,18 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
 
     @can_return_tuple
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """Runs the vision tower and the bridge (see [`VisCPMChatModel`]'s `get_image_features`).
+
+        Args:
+            pixel_values (`torch.Tensor` of shape `(num_images, channels, height, width)`):
+                The images, as the processor prepares them.
+            kwargs (`dict[str, Any]`, *optional*):
+                Passed on to the vision tower.
+
+        Returns:
+            The tower's outputs, `pooler_output` the bridge outputs
+                `(num_images, num_query_tokens, text_hidden_size)`.
+        """
         return self.model.get_image_features(pixel_values, **kwargs)
 
     def prepare_inputs_for_generation(
@@ -424,8 +555,25 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         is_first_iteration: bool | None = False,
         **kwargs,
     ) -> dict:
-        """transformers' preparation; the image inputs go in whenever the cache does not hold the prompt yet. An
-        assistant model's first pass is not the "first iteration" of `generate`, but it still reads the images."""
+        """transformers' preparation; the image inputs go in whenever the cache does not hold the prompt yet.
+
+        An assistant model's first pass is not the "first iteration" of `generate`, but it still reads the images.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                The sequences so far.
+            pixel_values (`torch.Tensor`, *optional*):
+                The prompt's images; passed on only while the cache is empty (or not used).
+            mm_encoder_outputs (`dict[str, BaseModelOutputWithPooling]`, *optional*):
+                Precomputed image features; passed on like `pixel_values`.
+            is_first_iteration (`bool`, *optional*, defaults to `False`):
+                Whether this is the first step of `generate`.
+            kwargs (`dict[str, Any]`, *optional*):
+                The other model inputs (`cache`, `attention_mask`, `use_cache`, ...), as transformers prepares them.
+
+        Returns:
+            The keyword arguments of this step's `forward`.
+        """
         model_inputs = super().prepare_inputs_for_generation(input_ids, is_first_iteration=is_first_iteration, **kwargs)
         cache = kwargs.get("cache")
         if is_first_iteration or cache is None or not kwargs.get("use_cache", True) or cache.get_seq_length() == 0:
@@ -433,7 +581,25 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         return model_inputs
 
     def generate(self, inputs: torch.Tensor | None = None, **kwargs):
-        """transformers' `generate`, with `num_beams` checked first (see `check_num_beams`)."""
+        """transformers' `generate`, with `num_beams` checked first.
+
+        The generation config of a model built from its config decodes as the paper does (3 beams, at most 512 new
+        tokens, length penalty 3) and never writes the image token; a folder's `generation_config.json` may differ.
+
+        Args:
+            inputs (`torch.Tensor`, *optional*):
+                The prompt's ids (or pass `input_ids`).
+            kwargs (`dict[str, Any]`, *optional*):
+                Model inputs (`pixel_values`, `attention_mask`, `mm_encoder_outputs`, ...) and generation options
+                (`num_beams`, `max_new_tokens`, `generation_config`, `streamer`, ...), as for any transformers model.
+
+        Returns:
+            (`torch.LongTensor` or `GenerateOutput`): The generated ids, prompt included (a `GenerateOutput` with
+                `return_dict_in_generate=True`).
+
+        Raises:
+            ValueError: `num_beams` is not a positive integer (transformers itself does not check it).
+        """
         check_num_beams(kwargs.get("num_beams", (kwargs.get("generation_config") or self.generation_config).num_beams))
         return super().generate(inputs, **kwargs)
 
@@ -452,7 +618,36 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         **kwargs,
     ) -> VisCPMChatCausalLMOutputWithPast:
-        """`labels` follow the LLM's convention (shifted inside); image and padding positions never count."""
+        """The LLM's logits (and loss) over a prompt with images.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                The prompt's ids, each image's placeholder expanded to `num_query_tokens` image tokens (the processor
+                does so).
+            pixel_values (`torch.Tensor` of shape `(num_images, channels, height, width)`, *optional*):
+                The prompt's images, in the order of their placeholders.
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+                1 for real tokens, 0 for padding; padding positions are left out of the loss.
+            position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Passed to the LLM.
+            cache (`Cache`, *optional*):
+                The LLM's key/value cache from earlier steps (formerly `past_key_values`).
+            inputs_embeds (`torch.Tensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
+                The LLM's input embeddings instead of `input_ids`.
+            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Targets in the LLM's convention (shifted inside, -100 ignored); image and padding positions never
+                count.
+            logits_to_keep (`int` or `torch.Tensor`, defaults to 0):
+                Logits of the last `logits_to_keep` positions only (0: all), or of the given indices.
+            mm_encoder_outputs (`dict[str, BaseModelOutputWithPooling]`, *optional*):
+                Precomputed image features instead of `pixel_values` (see `get_image_features`).
+            kwargs (`dict[str, Any]`, *optional*):
+                Passed on to the LLM (e.g. `use_cache`, `output_hidden_states`).
+
+        Returns:
+            The LLM's loss, logits, cache, hidden states and attentions, and
+                `image_hidden_states`, the bridge outputs of this call's images (reusable in a later turn).
+        """
         llm_inputs, image_features, image_mask = self.model.prepare_llm_inputs(
             input_ids, inputs_embeds, pixel_values, mm_encoder_outputs, cache
         )
@@ -488,10 +683,31 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         history: VisCPMChatHistory | None = None,
         **generate_kwargs,
     ) -> tuple[str, VisCPMChatHistory]:
-        """Answers `question` about `image` and returns `(answer, history)`; pass `history` back to continue.
+        """Answers `question` about `image`; pass the returned history back to continue the conversation.
 
-        `image` may be None in later turns: images already in `history` are not run through the vision tower again.
-        `generate_kwargs` override the generation config (e.g. `num_beams=1, max_new_tokens=64`).
+        Args:
+            image (`PIL.Image.Image`, `str`, `list`, or `None`):
+                One image (a PIL image, a path or URL, an array or tensor), a list of them, or None in later turns to
+                keep talking about earlier images: images already in `history` are not run through the vision tower
+                again.
+            question (`str`):
+                The question.
+            processor ([`VisCPMChatProcessor`]):
+                The model's processor.
+            history ([`VisCPMChatHistory`], *optional*):
+                What an earlier call returned, unchanged; None starts a new conversation.
+            generate_kwargs (`dict[str, Any]`, *optional*):
+                Override the generation config (e.g. `num_beams=1, max_new_tokens=64`); a `TextStreamer` passed as
+                `streamer` decodes as the answer does.
+
+        Returns:
+            The answer, and the conversation with it, holding the image features of
+                every image so far.
+
+        Raises:
+            ValueError: an empty question (whitespace and invisible characters count as nothing) or text that is not
+                valid Unicode, `num_beams` that is not a positive integer, or a history this model cannot continue
+                (from another model, or its messages and image features no longer match).
         """
         return chat(self, processor, image, question, history=history, **generate_kwargs)
 

@@ -45,7 +45,18 @@ def check_valid_unicode(text: str, where: str) -> None:
 def check_conversation(conversation: Any) -> None:
     """Refuses what the chat templates would silently drop or garble (an unknown role, a `None` text turning into the
     question "None", a user turn without a question) or the tokenizer fail on (text that is not valid Unicode), naming
-    the message and the fix."""
+    the message and the fix.
+
+    Args:
+        conversation (`list[dict]`):
+            Messages in the transformers chat format, or a batch of such lists.
+
+    Raises:
+        ValueError: an empty conversation, an unknown role or item type, a message without content, a text item
+            without text, a user message without text, or text that is not valid Unicode.
+        TypeError: a message that is not a dict, content that is neither a string nor a list, or a text that is not a
+            string.
+    """
     if not isinstance(conversation, (list, tuple)) or not conversation:
         raise ValueError(
             f"The conversation is {conversation!r}: pass a non-empty list of messages such as "
@@ -96,7 +107,15 @@ def check_conversation(conversation: Any) -> None:
 
 
 def paper_image_processor(image_size: int = 224) -> SiglipImageProcessorPil:
-    """The paper's preprocessing: bicubic resize to a square, no crop, mean = std = 0.5."""
+    """The paper's preprocessing: bicubic resize to a square, no crop, mean = std = 0.5.
+
+    Args:
+        image_size (`int`, defaults to 224):
+            Side of the square the images are resized to.
+
+    Returns:
+        The image processor.
+    """
     return SiglipImageProcessorPil(
         size={"height": image_size, "width": image_size},
         resample=3,  # PIL bicubic
@@ -114,11 +133,19 @@ class VisCPMChatProcessor(ProcessorMixin):
     becomes `num_image_tokens` image tokens (the bridge's query count), and the images become `pixel_values`.
 
     Args:
-        image_processor: The image processor; [`paper_image_processor`] when building a new processor.
-        tokenizer: Any tokenizer that has `image_token` as a single token.
-        chat_template (`str`, *optional*): Defaults to the packaged `chat_template.jinja`.
-        image_token (`str`, defaults to `"<image>"`): The image placeholder.
-        num_image_tokens (`int`, defaults to 64): Image tokens per image; must equal the model's `num_query_tokens`.
+        image_processor (`BaseImageProcessor`):
+            The image processor; [`paper_image_processor`] when building a new processor.
+        tokenizer (`PreTrainedTokenizerBase`):
+            Any tokenizer that has `image_token` as a single token.
+        chat_template (`str`, *optional*):
+            Defaults to the packaged `chat_template.jinja`.
+        image_token (`str`, defaults to `"<image>"`):
+            The image placeholder.
+        num_image_tokens (`int`, defaults to 64):
+            Image tokens per image; must equal the model's `num_query_tokens`.
+
+    Raises:
+        ValueError: the tokenizer has no `image_token` token (the message says how to add it).
     """
 
     def __init__(
@@ -171,8 +198,27 @@ class VisCPMChatProcessor(ProcessorMixin):
 
         A tokenizer that prepends `<bos>` (gemma, llama) saw it in pretraining; the template writes it (`prepend_bos`)
         so the rendered text is the whole prompt, and it is tokenized with no special tokens added, as TRL's trainers
-        do. Training and `chat()` then see the same ids (measured: gemma-3-270m with a bridge trained without `<bos>`
-        named 63% of the emoji asked without it, 7% asked with it).
+        do. Training and `chat()` then see the same ids: a bridge asked otherwise than it was trained loses most of its
+        answers (measured in the MPM experiments, `docs/mpm.md`).
+
+        Args:
+            conversation (`list[dict]`):
+                Messages in the transformers chat format (`{"type": "image"}` items for the images), or a batch of
+                such lists.
+            chat_template (`str`, *optional*):
+                A template instead of the processor's.
+            kwargs (`dict[str, Any]`, *optional*):
+                As for transformers' `apply_chat_template` (`add_generation_prompt`, `tokenize`, `return_dict`,
+                `return_tensors`, `sanitize_control_tokens`, ...).
+
+        Returns:
+            (`str`, `list[int]` or `BatchFeature`): The rendered text, or with `tokenize=True` its ids; with
+                `return_dict=True` too, all the model inputs (`pixel_values` included).
+
+        Raises:
+            ValueError: the conversation fails `check_conversation`, or a message's text holds the image placeholder
+                that the template would write as is.
+            TypeError: a message or its content of the wrong type (see `check_conversation`).
         """
         check_conversation(conversation)
         if not kwargs.get("sanitize_control_tokens"):
@@ -184,7 +230,17 @@ class VisCPMChatProcessor(ProcessorMixin):
         return super().apply_chat_template(conversation, chat_template, **kwargs)
 
     def check_no_placeholder_in_text(self, conversation: list, chat_template: str | None = None) -> None:
-        """Raises if a message's text holds the image token and the template writes it unescaped (a probe tells)."""
+        """Raises if a message's text holds the image token and the template writes it unescaped (a probe tells).
+
+        Args:
+            conversation (`list`):
+                Messages, or a batch of message lists.
+            chat_template (`str`, *optional*):
+                The template to probe; the processor's by default.
+
+        Raises:
+            ValueError: naming the message, and the two ways out (image items, or `sanitize_control_tokens=True`).
+        """
         batched = isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "messages")
         chats = [getattr(chat, "messages", chat) for chat in conversation] if batched else [conversation]
         found = next(
@@ -213,9 +269,18 @@ class VisCPMChatProcessor(ProcessorMixin):
         return backend is not None and bos is not None and backend.encode("a").ids[:1] == [bos]
 
     def answer_decode_kwargs(self, conversation: list[dict]) -> dict[str, Any]:
-        """What `decode` needs besides the ids to read an answer to `conversation` (a prompt with a generation prompt):
-        nothing for a tokenizer whose ids name the same strings in every prompt. `chat()` passes these to `decode`
-        and to a `TextStreamer`."""
+        """What `decode` needs besides the ids to read an answer to `conversation`.
+
+        Nothing for a tokenizer whose ids name the same strings in every prompt. `chat()` passes these to `decode`
+        and to a `TextStreamer`.
+
+        Args:
+            conversation (`list[dict]`):
+                The messages of the prompt (rendered with a generation prompt).
+
+        Returns:
+            Keyword arguments of `decode`; empty here.
+        """
         return {}
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:

@@ -22,8 +22,16 @@ class VisCPMChatCpmBeeProcessor(VisCPMChatProcessor):
     """
 
     def ext_tables(self, prompts) -> list[dict[int, str]]:
-        """Per prompt, the strings of the ext ids its answer may hold. `prompts`: rendered prompt text (one or a list)
-        or a conversation (a list of messages), as `apply_chat_template` takes it."""
+        """Per prompt, the strings of the ext ids its answer may hold.
+
+        Args:
+            prompts (`str`, `list[str]`, or `list[dict]`):
+                Rendered prompt text (one or a list), or a conversation (a list of messages) as
+                `apply_chat_template` takes it, rendered here with a generation prompt.
+
+        Returns:
+            One table per prompt, ext id -> string, for `decode(ids, ext_table=...)`.
+        """
         if isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], dict):
             prompts = self.apply_chat_template(list(prompts), add_generation_prompt=True)
         return self.tokenizer.output_ext_tables(prompts)
@@ -34,6 +42,21 @@ class VisCPMChatCpmBeeProcessor(VisCPMChatProcessor):
     def post_process_image_text_to_text(
         self, generated_outputs, skip_special_tokens: bool = True, ext_tables: list[dict[int, str]] | None = None, **kwargs
     ) -> list[str]:
+        """Decodes generated ids, each row with its prompt's ext table.
+
+        Args:
+            generated_outputs (`torch.Tensor` or `list[list[int]]`):
+                The generated ids, one row per prompt.
+            skip_special_tokens (`bool`, defaults to `True`):
+                Leave out special tokens.
+            ext_tables (`list[dict[int, str]]`, *optional*):
+                One table per row, from `ext_tables`; without them ext ids read `<unk>`, with a warning.
+            kwargs (`dict[str, Any]`, *optional*):
+                Passed on to the tokenizer's `batch_decode`.
+
+        Returns:
+            The texts.
+        """
         return self.tokenizer.batch_decode(
             generated_outputs, skip_special_tokens=skip_special_tokens, ext_tables=ext_tables, **kwargs
         )
