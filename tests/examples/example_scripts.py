@@ -127,6 +127,31 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def run_unsharded_and_sharded(worker: Path, tmp_path: Path, arguments: list[str], env: dict, timeout: float,
+                              extra: list[str] = ()) -> tuple[dict, list[dict]]:  # fmt: skip
+    """Runs `worker ARGUMENTS OUT EXTRA` as one process (OUT = tmp_path/one) beside a `torch.distributed.run` pair
+    (tmp_path/two), the single one mostly importing while the pair works; returns the rank files: `(one, [rank0,
+    rank1])`. Each run has `timeout` seconds; a failure shows its log's end."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    with open(tmp_path / "one.log", "w") as log:
+        single = subprocess.Popen([sys.executable, str(worker), *arguments, str(tmp_path / "one"), *extra],
+                                  stdout=log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+    try:
+        sharded = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+             str(worker), *arguments, str(tmp_path / "two"), *extra],
+            capture_output=True, text=True, timeout=timeout, env=env,
+        )  # fmt: skip
+        assert single.wait(timeout=timeout) == 0, (tmp_path / "one.log").read_text()[-3000:]
+    finally:
+        single.kill()
+        single.wait()
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "rank0.json").read_text())
+    return one, [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
 def write_chat_data(root: Path, first_answers: list[str]) -> Path:
     """`root/images` (one random image per answer), `conversations.json` (two turns per image: "What is it?" answered
     by `first_answers[i]`, then its colour) and `captions.json`."""

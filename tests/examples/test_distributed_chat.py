@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from example_scripts import accelerate_config, free_port, wrapped_classes
+from example_scripts import accelerate_config, free_port, run_unsharded_and_sharded, wrapped_classes
 from tiny_models import make_chat_model
 
 from viscpm_hf import build_byte_level_tokenizer
@@ -67,26 +67,8 @@ def test_fsdp2_shards_the_papers_model_on_cpu_and_trains_as_one_process(cpmbee_c
     data = tmp_path / "chats.json"
     data.write_text(json.dumps(chats, ensure_ascii=False))
     names = accelerate_config("fsdp_chat_cpmbee.yaml")["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"]
-    (tmp_path / "one").mkdir()
-    (tmp_path / "two").mkdir()
     arguments = ["fsdp", str(cpmbee_chat), str(data)]
-    # The unsharded process runs beside the sharded pair (one thread each; it mostly imports while they do).
-    with open(tmp_path / "one.log", "w") as log:
-        single = subprocess.Popen([sys.executable, str(WORKER), *arguments, str(tmp_path / "one"), names],
-                                  stdout=log, stderr=subprocess.STDOUT, env=ENV)  # fmt: skip
-    try:
-        sharded = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-             str(WORKER), *arguments, str(tmp_path / "two"), names],
-            capture_output=True, text=True, timeout=400, env=ENV,
-        )  # fmt: skip
-        assert single.wait(timeout=300) == 0, (tmp_path / "one.log").read_text()[-3000:]
-    finally:
-        single.kill()
-        single.wait()
-    assert sharded.returncode == 0, sharded.stderr[-3000:]
-    one = json.loads((tmp_path / "one" / "rank0.json").read_text())
-    ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    one, ranks = run_unsharded_and_sharded(WORKER, tmp_path, arguments, ENV, timeout=400, extra=[names])
     for rank in ranks:
         assert rank["total"] == one["total"] == one["local"]
         assert 0.4 * rank["total"] < rank["local"] < 0.6 * rank["total"]  # about half each: really sharded

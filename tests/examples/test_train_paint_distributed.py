@@ -3,11 +3,8 @@
 (gloo, 2 processes) and trains as one process does. accelerate itself turns FSDP on only for GPU runs: on CPU the same
 launch trains unsharded, and the script says so."""
 
-import json
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,7 @@ from accelerate import PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import FullyShardedDataParallelPlugin
 from diffusers import UNet2DConditionModel
-from example_scripts import accelerate_config, free_port, load_example, wrapped_classes
+from example_scripts import accelerate_config, load_example, run_unsharded_and_sharded, wrapped_classes
 from tiny_paint import tiny_pipeline, tiny_unet
 
 from viscpm_hf.training.paint import PaintDenoiser
@@ -64,25 +61,7 @@ def test_the_fsdp_units_are_the_unets_no_split_modules_that_it_contains():
 def test_fsdp2_shards_the_denoiser_on_cpu_and_trains_as_one_process(paint_workspace, tmp_path):
     """Each of 2 processes holds half of the transblock + UNet, and the three losses of `training_step` equal those
     of one unsharded process on the same batch."""
-    (tmp_path / "one").mkdir()
-    (tmp_path / "two").mkdir()
-    # The unsharded process runs beside the sharded pair (one thread each; it mostly imports while they do).
-    with open(tmp_path / "one.log", "w") as log:
-        single = subprocess.Popen([sys.executable, str(WORKER), str(paint_workspace), str(tmp_path / "one")],
-                                  stdout=log, stderr=subprocess.STDOUT, env=ENV)  # fmt: skip
-    try:
-        sharded = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-             str(WORKER), str(paint_workspace), str(tmp_path / "two")],
-            capture_output=True, text=True, timeout=200, env=ENV,
-        )  # fmt: skip
-        assert single.wait(timeout=150) == 0, (tmp_path / "one.log").read_text()[-3000:]
-    finally:
-        single.kill()
-        single.wait()
-    assert sharded.returncode == 0, sharded.stderr[-3000:]
-    one = json.loads((tmp_path / "one" / "rank0.json").read_text())
-    ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    one, ranks = run_unsharded_and_sharded(WORKER, tmp_path, [str(paint_workspace)], ENV, timeout=200)
     assert one["wrapped"] == [] and one["local"] == one["total"]
     assert one["losses"][-1] < one["losses"][0]  # the trained cross-attention and transblock moved
     for rank in ranks:
